@@ -1,0 +1,40 @@
+"""Test set-up: import the checkout under test as `ideogram4_gguf`, whatever is installed.
+
+The repository root is the package (ComfyUI loads it from custom_nodes/<folder>/), so a git worktree or a
+clean clone would otherwise import whichever copy pip last installed in editable mode.
+"""
+
+import importlib.util
+import pathlib
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Test-only data (the real Qwen tokenizer vocabulary, the official latent constants) lives beside the
+# checkout in ../shared/data; a clone elsewhere can point IDEOGRAM4_SHARED_DATA at it.
+def _find_shared_data():
+    import os
+
+    candidates = [os.environ.get("IDEOGRAM4_SHARED_DATA"), ROOT.parent / "shared" / "data", "/work/shared/data"]
+    for candidate in candidates:
+        if candidate and pathlib.Path(candidate, "qwen25_tokenizer", "vocab.json").is_file():
+            return pathlib.Path(candidate)
+    return None
+
+
+SHARED_DATA = _find_shared_data()
+
+
+def _import_checkout_as_package():
+    existing = sys.modules.get("ideogram4_gguf")
+    if existing is not None and pathlib.Path(existing.__file__).resolve().parent == ROOT:
+        return
+    spec = importlib.util.spec_from_file_location(
+        "ideogram4_gguf", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ideogram4_gguf"] = module
+    spec.loader.exec_module(module)
+
+
+_import_checkout_as_package()
