@@ -4,6 +4,7 @@ Config from spec §8.2: the real depth (36 layers, so the real taps) at width 32
 (transformers' init leaves the norms at 1).
 """
 
+import pytest
 import torch
 
 TINY_VOCAB = 512
@@ -64,3 +65,13 @@ def text_state_dict(model) -> dict:
     """The language-model tensors of a `Qwen3VLModel` under our canonical names (prefix stripped)."""
     prefix = "language_model."
     return {k[len(prefix):]: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_cpu_thread():
+    """Tiny models are all per-op overhead: on a shared 2-core machine a second intra-op thread makes them
+    several times slower (measured 58 s vs 16 s for the loader tests), so these modules run single-threaded."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

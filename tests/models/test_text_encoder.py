@@ -14,7 +14,7 @@ from ideogram4_gguf.models.text_encoder import (
     Qwen3TextEncoder,
     unload_text_encoder,
 )
-from tests.models.te_reference import TINY_VOCAB, text_state_dict, tiny_qwen3vl_model
+from tests.models.te_reference import one_cpu_thread, TINY_VOCAB, text_state_dict, tiny_qwen3vl_model  # noqa: F401 (autouse fixture)
 
 pytest.importorskip("transformers")
 

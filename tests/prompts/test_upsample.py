@@ -18,7 +18,7 @@ from ideogram4_gguf.prompts.upsample import (
     upsample_prompt,
 )
 from tests.conftest import SHARED_DATA
-from tests.models.te_reference import TINY_VOCAB, tiny_qwen3vl_generator
+from tests.models.te_reference import one_cpu_thread, TINY_VOCAB, tiny_qwen3vl_generator  # noqa: F401 (autouse fixture)
 
 
 @pytest.fixture(scope="module")
