@@ -128,9 +128,8 @@ def _from_tokenizer_json(path: Path):
     return tokenizer
 
 
-def _gguf_field(reader, key):
-    field = reader.fields.get(key)
-    return None if field is None else field.contents()
+GGUF_TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
+                      "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
 
 
 def _from_gguf(path: Path):
@@ -141,21 +140,26 @@ def _from_gguf(path: Path):
         reader = GGUFReader(str(path), "r")
     except Exception as exc:
         raise ModelFileError(f"{path}: not a readable GGUF file ({exc}).") from exc
-    model = _gguf_field(reader, "tokenizer.ggml.model")
-    tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
+    metadata = {key: reader.fields[key].contents() for key in GGUF_TOKENIZER_KEYS if key in reader.fields}
+    return tokenizer_from_gguf_metadata(metadata, path)
+
+
+def tokenizer_from_gguf_metadata(metadata: dict, label="GGUF"):
+    """The tokenizer stored in a llama.cpp GGUF's metadata (e.g. `GGUFFile.metadata`, already parsed)."""
+    model, tokens = metadata.get("tokenizer.ggml.model"), metadata.get("tokenizer.ggml.tokens")
     if model is None or tokens is None:
         raise ModelFileError(
-            f"{path}: this GGUF stores no tokenizer (no tokenizer.ggml.tokens). Point the tokenizer at a "
+            f"{label}: this GGUF stores no tokenizer (no tokenizer.ggml.tokens). Point the tokenizer at a "
             "tokenizer.json or a vocab.json + merges.txt folder instead."
         )
-    pre = _gguf_field(reader, "tokenizer.ggml.pre")
+    pre = metadata.get("tokenizer.ggml.pre")
     if model != "gpt2" or (pre is not None and not str(pre).startswith("qwen")):
         raise ModelFileError(
-            f"{path}: its tokenizer is {model!r} / pre-tokenizer {pre!r}, not the Qwen byte-level BPE "
+            f"{label}: its tokenizer is {model!r} / pre-tokenizer {pre!r}, not the Qwen byte-level BPE "
             "('gpt2' / 'qwen2') that Qwen3-VL uses. Is this the right text-encoder file?"
         )
-    types = _gguf_field(reader, "tokenizer.ggml.token_type") or [_GGUF_NORMAL] * len(tokens)
-    merges = _gguf_field(reader, "tokenizer.ggml.merges") or []
+    types = metadata.get("tokenizer.ggml.token_type") or [_GGUF_NORMAL] * len(tokens)
+    merges = metadata.get("tokenizer.ggml.merges") or []
     vocab, added = {}, []
     for token_id, (content, kind) in enumerate(zip(tokens, types)):
         if kind == _GGUF_NORMAL:
@@ -164,7 +168,8 @@ def _from_gguf(path: Path):
             added.append((token_id, content, kind == _GGUF_CONTROL))
         # other types: UNUSED "[PADn]" rows that only pad the embedding table
     tokenizer = _qwen_bpe_tokenizer(vocab, [tuple(m.split(" ", 1)) for m in merges])
-    _add_tokens(tokenizer, added, path)
+    _add_tokens(tokenizer, added, Path(str(label)))
+    _check_chat_tokens(tokenizer, Path(str(label)))
     return tokenizer
 
 
