@@ -239,6 +239,7 @@ def load_text_encoder(
         raise ModelFileError(
             f"{where}: hidden size {config.hidden_size} gives {config.feature_dim} text features, the DiT expects "
             f"{expected_feature_dim} (13 x 4096, Qwen3-VL-8B). Qwen3-VL-4B and others do not fit.")
+    _check_storage(view, where)
     if config.rope_theta != QWEN3_VL_ROPE_THETA:
         logger.warning("%s: RoPE theta is %g, Qwen3-VL uses %g; is this plain Qwen3 rather than Qwen3-VL?",
                        where, config.rope_theta, QWEN3_VL_ROPE_THETA)
@@ -266,6 +267,22 @@ def load_text_encoder(
     metadata = getattr(view, "metadata", {}) or {}
     encoder.tokenizer_metadata = {k: v for k, v in metadata.items() if k.startswith("tokenizer.ggml.")}
     return encoder.eval()
+
+
+DENSE_STORAGE = ("F32", "F16", "BF16", "F8_E4M3")
+
+
+def _check_storage(view: WeightSource, where: str) -> None:
+    """Reject weight formats `ops` cannot run (e.g. ComfyUI's NVFP4 or int8 files) before building anything."""
+    name = "layers.0.self_attn.q_proj.weight"
+    storage = view.storage(name)
+    if view._packed(name) is not None or storage in DENSE_STORAGE:
+        return
+    keys = view.keys()
+    what = "NVFP4 (e.g. ComfyUI's qwen3vl_8b_nvfp4)" if any(k.endswith("weight_scale_2") for k in keys) \
+        else f"{storage} tensors"
+    raise ModelFileError(f"{where}: the linear weights are stored as {what}, which this pack cannot run. Use the "
+                         "fp8 / bf16 safetensors or a GGUF (Q4_K_M, Q6_K, Q8_0, ...) of Qwen3-VL-8B.")
 
 
 def _parent(module: nn.Module, dotted: str):

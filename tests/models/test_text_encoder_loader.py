@@ -393,6 +393,13 @@ def test_wrong_files_get_clear_errors(tiny, tmp_path):
     with pytest.raises(ModelFileError, match="28 layers"):
         load_text_encoder(tmp_path / "qwen3vl_2b.safetensors")
 
+    nvfp4 = {f"model.language_model.{k}": (torch.zeros(v.shape[0], v.shape[1] // 2, dtype=torch.uint8)
+                                           if _is_linear(k) else v) for k, v in state.items()}
+    nvfp4.update({f"model.language_model.{k}_scale_2": torch.tensor(1.0) for k in state if _is_linear(k)})
+    save_file(nvfp4, tmp_path / "qwen3vl_8b_nvfp4.safetensors")
+    with pytest.raises(ModelFileError, match="NVFP4"):
+        load_text_encoder(tmp_path / "qwen3vl_8b_nvfp4.safetensors")
+
     save_file({f"model.{k}": v for k, v in state.items()}, tmp_path / "narrow.safetensors")
     with pytest.raises(ModelFileError, match="53248"):
         load_text_encoder(tmp_path / "narrow.safetensors", expected_feature_dim=53248)
