@@ -48,7 +48,7 @@ class Qwen3TextConfig:
         return max(self.tap_layers) + 1
 
     @classmethod
-    def from_hf_config(cls, config: dict) -> "Qwen3TextConfig":
+    def from_hf_config(cls, config: dict) -> Qwen3TextConfig:
         """From a transformers `config.json` (a Qwen3-VL config with `text_config`, or a Qwen3 text config)."""
         text = config.get("text_config", config)
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import ModelFileError
 from ..ops import dequantize, open_weights
-from ..ops.weights import WeightSource
+from ..ops.weights import FP8_STORAGE, WeightSource
 from .text_encoder import Qwen3TextConfig, Qwen3TextEncoder
 
 logger = logging.getLogger(__name__)
@@ -198,14 +198,17 @@ class DenseEmbedding(nn.Module):
         return self.table.index_select(0, ids.reshape(-1))
 
 
-def _embedding(view: WeightSource, device) -> nn.Module:
+def _embedding(view: WeightSource, device, compute_dtype) -> nn.Module:
     name = "embed_tokens.weight"
     packed = view._packed(name)
     if packed is not None:
         qtype, raw = packed
         vocab, hidden = view.shape(name)
         return QuantizedEmbedding(raw.to(device), qtype, vocab, hidden)
-    # fp8 tables come out times their scale in float32; float tables keep their stored dtype.
+    if view.storage(name) == FP8_STORAGE:
+        # Scaled fp8 table: expanded once into the compute dtype (as big as a bf16 table, never float32).
+        return DenseEmbedding(view.tensor(name, compute_dtype, device))
+    # Float tables keep their stored dtype (a zero-copy mapping for GGUF); rows are rounded after lookup.
     return DenseEmbedding(view.tensor(name, None, device))
 
 
@@ -251,7 +254,7 @@ def load_text_encoder(
         raise ModelFileError(f"{where}: no final norm (norm.weight / output_norm.weight); cannot generate text.")
     encoder = Qwen3TextEncoder(config, num_layers=num_layers, final_norm=for_generation, dtype=compute_dtype,
                                device="meta")
-    encoder.embed_tokens = _embedding(view, embed_device if embed_device is not None else device)
+    encoder.embed_tokens = _embedding(view, embed_device if embed_device is not None else device, compute_dtype)
     for i, layer in enumerate(encoder.layers):
         for name in LINEARS:
             parent, attr = _parent(layer, name)

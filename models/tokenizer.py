@@ -13,8 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from ..errors import ModelFileError, PromptError
 
@@ -50,7 +50,7 @@ def chat_template(prompt: str) -> str:
 # Building a tokenizer from each source
 
 
-def _qwen_bpe_tokenizer(vocab: dict[str, int], merges: list) -> "tokenizers.Tokenizer":
+def _qwen_bpe_tokenizer(vocab: dict[str, int], merges: list):
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))

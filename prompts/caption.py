@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -352,14 +353,14 @@ def _repair_bbox(value, path: str, fixes: list) -> list[int] | None:
         numbers = [float(v) for v in value]
     except (TypeError, ValueError):
         numbers = []
-    if len(numbers) != 4 or any(n != n for n in numbers):  # n != n: NaN
+    if len(numbers) != 4 or not all(math.isfinite(n) for n in numbers):
         fixes.append(f"{path}: dropped {value!r} (not 4 numbers)")
         return None
     # A grid of 0..1 fractions is a common slip of language models; scale it to the 0..1000 grid.
     if all(0.0 <= n <= 1.0 for n in numbers) and any(0.0 < n < 1.0 for n in numbers):
         numbers = [n * BBOX_GRID for n in numbers]
         fixes.append(f"{path}: scaled 0..1 fractions to the 0..{BBOX_GRID} grid")
-    y0, x0, y1, x1 = (min(BBOX_GRID, max(0, int(round(n)))) for n in numbers)
+    y0, x0, y1, x1 = (min(BBOX_GRID, max(0, round(n))) for n in numbers)
     y0, y1 = min(y0, y1), max(y0, y1)
     x0, x1 = min(x0, x1), max(x0, x1)
     if y0 == y1 or x0 == x1:

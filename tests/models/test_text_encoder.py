@@ -6,7 +6,6 @@ the final norm; interleaved so that feature index = hidden_unit * 13 + tap_index
 
 import pytest
 import torch
-
 from ideogram4_gguf.models.text_encoder import (
     TAP_LAYERS,
     KVCache,
@@ -14,7 +13,13 @@ from ideogram4_gguf.models.text_encoder import (
     Qwen3TextEncoder,
     unload_text_encoder,
 )
-from tests.models.te_reference import one_cpu_thread, TINY_VOCAB, text_state_dict, tiny_qwen3vl_model  # noqa: F401 (autouse fixture)
+
+from .te_reference import (  # noqa: F401
+    TINY_VOCAB,
+    one_cpu_thread,
+    text_state_dict,
+    tiny_qwen3vl_model,
+)
 
 pytest.importorskip("transformers")
 

@@ -13,9 +13,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
-from safetensors.torch import save_file
-
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as Q
 from ideogram4_gguf.errors import ModelFileError
 from ideogram4_gguf.models.text_encoder import Qwen3TextConfig, Qwen3TextEncoder
 from ideogram4_gguf.models.text_encoder_loader import (
@@ -25,7 +24,14 @@ from ideogram4_gguf.models.text_encoder_loader import (
     load_text_encoder,
 )
 from ideogram4_gguf.models.tokenizer import tokenizer_from_gguf_metadata
-from tests.models.te_reference import one_cpu_thread, TINY_VOCAB, text_state_dict, tiny_qwen3vl_model  # noqa: F401 (autouse fixture)
+from safetensors.torch import save_file
+
+from .te_reference import (  # noqa: F401
+    TINY_VOCAB,
+    one_cpu_thread,
+    text_state_dict,
+    tiny_qwen3vl_model,
+)
 
 LINEAR_SUFFIXES = ("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight", "gate_proj.weight",
                    "up_proj.weight", "down_proj.weight")
@@ -185,10 +191,10 @@ def test_gguf_tokenizer_travels_with_the_encoder(tiny, tmp_path):
 
 # --- fp8 layouts ----------------------------------------------------------------------------------------------
 
-def _fp8_files(state, quantize, prefix):
+def _fp8_files(state, quantize, prefix, embedding=False):
     stored, dequantized = {}, {}
     for k, v in state.items():
-        if _is_linear(k):
+        if _is_linear(k) or (embedding and k == "embed_tokens.weight"):
             q, scale = quantize(v)
             stored[f"{prefix}{k}"], stored[f"{prefix}{k}_scale"] = q, scale
             dequantized[k] = q.float() * (scale[:, None] if scale.ndim else scale)
@@ -200,7 +206,7 @@ def _fp8_files(state, quantize, prefix):
 
 def test_official_fp8_sharded(tiny, tmp_path):
     state, visual = tiny
-    stored, dequantized = _fp8_files(state, fp8_per_row, "language_model.")
+    stored, dequantized = _fp8_files(state, fp8_per_row, "language_model.", embedding=True)
     stored.update({k: v.to(torch.bfloat16) for k, v in visual.items()})
     names = sorted(stored)
     half = len(names) // 2

@@ -9,8 +9,6 @@ import logging
 
 import numpy as np
 import pytest
-
-from tests.conftest import SHARED_DATA
 from ideogram4_gguf.errors import ModelFileError, PromptError
 from ideogram4_gguf.models.tokenizer import (
     CHAT_PREFIX,
@@ -19,6 +17,8 @@ from ideogram4_gguf.models.tokenizer import (
     encode_prompt_ids,
     load_qwen_tokenizer,
 )
+
+from ..conftest import SHARED_DATA
 
 pytestmark = pytest.mark.skipif(SHARED_DATA is None, reason="shared data folder with qwen25_tokenizer/ not found")
 

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from ideogram4_gguf.errors import PromptError
 from ideogram4_gguf.prompts.caption import (
     build_caption,

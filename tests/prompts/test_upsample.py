@@ -5,9 +5,12 @@ import json
 
 import pytest
 import torch
-
 from ideogram4_gguf.errors import PromptError
-from ideogram4_gguf.models.text_encoder import KVCache, Qwen3TextConfig, Qwen3TextEncoder
+from ideogram4_gguf.models.text_encoder import (
+    KVCache,
+    Qwen3TextConfig,
+    Qwen3TextEncoder,
+)
 from ideogram4_gguf.prompts.caption import minify, validate_caption
 from ideogram4_gguf.prompts.upsample import (
     caption_from_reply,
@@ -17,8 +20,9 @@ from ideogram4_gguf.prompts.upsample import (
     upsample_chat,
     upsample_prompt,
 )
-from tests.conftest import SHARED_DATA
-from tests.models.te_reference import one_cpu_thread, TINY_VOCAB, tiny_qwen3vl_generator  # noqa: F401 (autouse fixture)
+
+from ..conftest import SHARED_DATA
+from ..models.te_reference import TINY_VOCAB, one_cpu_thread, tiny_qwen3vl_generator  # noqa: F401
 
 
 @pytest.fixture(scope="module")
