@@ -22,6 +22,8 @@ from ideogram4_gguf.models.text_encoder_loader import (
     QuantizedEmbedding,
     load_lm_head,
     load_text_encoder,
+    stored_bytes,
+    text_model_view,
 )
 from ideogram4_gguf.models.tokenizer import tokenizer_from_gguf_metadata
 from safetensors.torch import save_file
@@ -303,6 +305,13 @@ def test_llama_cpp_gguf_k_quants_mixed(wide_state, tmp_path):
     assert torch.equal(out, features(dequantized, ids=ids))
     first, last = tap_errors(out, features(wide_state, ids=ids))
     assert first < 0.30 and last < 0.60  # measured 0.21 / 0.41 (Q4_K everywhere); see docs/text_encoder.md
+
+    # stored sizes (what the memory table in docs/text_encoder.md computes) = the GGUF's packed bytes
+    from ideogram4_gguf.ops import open_gguf, open_weights
+
+    gguf_file = open_gguf(path)
+    view, _ = text_model_view(open_weights(path))
+    assert stored_bytes(view, view.keys()) == sum(t.nbytes for t in gguf_file.tensors.values())
 
     # generation path: every layer, the final norm, and the GGUF's own `output` head
     generator = load_text_encoder(path, compute_dtype=torch.float32, for_generation=True)
