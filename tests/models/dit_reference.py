@@ -12,7 +12,7 @@ from diffusers import Ideogram4Pipeline, Ideogram4Transformer2DModel
 from ideogram4_gguf.models.dit import Ideogram4Config
 from ideogram4_gguf.models.dit_loader import fuse_split_attention
 
-TE_HIDDEN = 8
+TE_HIDDEN = 32  # spec §8.2 tiny Qwen3-VL width; llm_features_dim = 13 x 32
 # spec §8.2: the tiny diffusers config that works; mrope (4, 2, 2) on head_dim 16 uses the same index rule.
 TINY = dict(
     in_channels=32,
