@@ -137,3 +137,20 @@ def test_expected_tensor_names_are_the_official_set():
     assert {"embed_image_indicator.weight", "layers.33.attention.qkv.weight", "llm_cond_proj.bias"} <= names
     uncond = set(Ideogram4DiT.expected_tensor_names(Ideogram4Config(), with_text=False))
     assert names - uncond == {"llm_cond_norm.weight", "llm_cond_proj.weight", "llm_cond_proj.bias"}
+
+
+def test_unconditional_branch_never_reads_text_tensors(reference):
+    requested = []
+
+    class Recording(StateDictWeights):
+        def tensor(self, name, dtype=None, device="cpu"):
+            requested.append(name)
+            return super().tensor(name, dtype, device)
+
+        def linear(self, prefix, compute_dtype=torch.float32, device="cpu"):
+            requested.append(prefix)
+            return super().linear(prefix, compute_dtype, device)
+
+    Ideogram4DiT.from_weights(our_config(), Recording(official_state_dict(reference)), with_text=False)
+    assert requested and not [n for n in requested if n.startswith("llm_cond")]
+    assert "layers.1.attention.qkv" in requested and "embed_image_indicator.weight" in requested
