@@ -1,12 +1,13 @@
 """Load the two Ideogram 4 DiT branches from any supported file layout.
 
-| layout | what it looks like | branch names |
-|---|---|---|
-| two-branch GGUF | our quant_tools output, Transformer Lab `ideogram4-q4_k.gguf` | `conditional_transformer.` / `unconditional_transformer.`, `transformer.` / `unconditional_transformer.` or `cond.` / `uncond.` prefixes |
-| pair of single-branch GGUFs | stable-diffusion.cpp / ComfyUI-GGUF style (leejet, molbal, rectangleworm, ...) | bare official names, one branch per file, no metadata |
-| official fp8 folder | `ideogram-4-fp8`: `transformer/` + `unconditional_transformer/`, single file or sharded with `*.index.json`, per-row `weight_scale` | bare official names |
-| ComfyUI single files | `ideogram4_fp8_scaled.safetensors` + `ideogram4_unconditional_fp8_scaled.safetensors` | bare names, optional `model.diffusion_model.` prefix |
-| bf16 diffusers | `Ideogram-4-bf16-Diffusers`: split `attention.to_q/to_k/to_v`, `attention.to_out.0` | mapped to the fused names here |
+- a two-branch GGUF (our quant_tools output, Transformer Lab's file): prefixes `conditional_transformer.` /
+  `unconditional_transformer.`, `transformer.` / `unconditional_transformer.` or `cond.` / `uncond.`;
+- a pair of single-branch GGUFs (stable-diffusion.cpp / ComfyUI-GGUF style): bare official names, no metadata;
+- the official fp8 folder: `transformer/` + `unconditional_transformer/`, single or sharded safetensors, fp8 with a
+  per-row `weight_scale`;
+- ComfyUI single files (`ideogram4_fp8_scaled` + `ideogram4_unconditional_fp8_scaled`), optionally prefixed
+  `model.diffusion_model.`;
+- bf16 diffusers releases with split `attention.to_q/to_k/to_v` and `attention.to_out.0` names.
 
 The model is recognised by its tensors (`embed_image_indicator.weight`), never by metadata alone; the config comes
 from the tensor shapes, completed by `ideogram4.*` GGUF metadata or a diffusers `config.json` for the two RoPE
@@ -70,7 +71,8 @@ class DiTLoadInfo:
     storage: dict[str, Counter] = field(default_factory=dict)  # branch -> {"Q4_K": n, "F16": n, ...}
 
     def summary(self) -> str:
-        kinds = {branch: ", ".join(f"{n} {k}" for k, n in counts.most_common()) for branch, counts in self.storage.items()}
+        kinds = {branch: ", ".join(f"{n} {kind}" for kind, n in counts.most_common())
+                 for branch, counts in self.storage.items()}
         return (
             f"Ideogram 4 DiT ({self.layout}; {self.config.num_layers} layers, hidden {self.config.hidden_size}) from "
             f"{' + '.join(self.files)}; cond: {kinds.get('cond', '?')}; uncond: {kinds.get('uncond', '?')}; "

@@ -92,7 +92,7 @@ def test_two_branch_gguf_f32_every_prefix_pair(tmp_path, pair, prefixes):
     _assert_same(loaded, _expected(cond, uncond, config))
 
 
-@pytest.mark.parametrize("qtype", [Q.F16, Q.Q8_0, Q.Q4_0])
+@pytest.mark.parametrize("qtype", [Q.F16, Q.Q8_0, Q.Q4_0], ids=lambda q: q.name)
 def test_two_branch_gguf_quantized(tmp_path, pair, qtype):
     config = our_config()
     decoded = dit_files.write_gguf(tmp_path / "q.gguf", {"cond.": pair[0], "uncond.": pair[1]}, qtype,
@@ -114,12 +114,14 @@ def test_two_branch_gguf_q4_k_from_the_llama_cpp_quantizer(tmp_path):
     decoded = dit_files.write_gguf(tmp_path / "q4k.gguf", {"conditional_transformer.": cond_sd,
                                                           "unconditional_transformer.": uncond_sd},
                                    Q.Q4_K, dit_files.gguf_metadata(config, arrays=False))
-    cond, uncond, info = load_dit_branches(tmp_path / "q4k.gguf", compute_dtype=torch.float32, config_overrides=TINY_ROPE)
+    cond, uncond, info = load_dit_branches(tmp_path / "q4k.gguf", compute_dtype=torch.float32,
+                                           config_overrides=TINY_ROPE)
     layer = cond.layers[0]
     for linear in (layer.attention.qkv, layer.attention.o, layer.feed_forward.w1, layer.feed_forward.w2):
         assert isinstance(linear, QuantLinear) and linear.storage == "Q4_K"
     # every Linear with K = 256: qkv, o, w1, w2, w3, t_embedding.mlp_in/mlp_out, adaln_proj, final_layer.linear
     assert info.storage["cond"]["Q4_K"] == 9
+    assert "9 Q4_K" in info.summary() and "q4k.gguf" in info.summary()
     expected = _expected(decoded["conditional_transformer."], decoded["unconditional_transformer."], config)
     _assert_same((cond, uncond, info), expected, atol=1e-6)
     # Q4_K weights carry ~7 % RMS error here (9 % on Gaussian + outliers, gguf-and-kernels.md §4.8)
@@ -220,8 +222,8 @@ def test_load_on_cpu_then_move_keeps_weights_packed(tmp_path, pair):
 
 
 def test_another_model_is_rejected_with_what_was_found(tmp_path):
-    save_file({"double_blocks.0.img_attn.qkv.weight": torch.randn(6, 2), "final_layer.linear.weight": torch.randn(2, 2)},
-              tmp_path / "flux.safetensors")
+    flux = {"double_blocks.0.img_attn.qkv.weight": torch.randn(6, 2), "final_layer.linear.weight": torch.randn(2, 2)}
+    save_file(flux, tmp_path / "flux.safetensors")
     with pytest.raises(ModelFileError, match=r"not an Ideogram 4 DiT.*2 tensors.*double_blocks.*FLUX"):
         load_dit_branches(tmp_path / "flux.safetensors")
 
