@@ -299,11 +299,10 @@ class Ideogram4DiT(nn.Module):
     simply this module's parameter names (`expected_tensor_names`).
     """
 
-    def __init__(self, config: Ideogram4Config, with_text: bool = True, compute_dtype: torch.dtype = torch.float32):
+    def __init__(self, config: Ideogram4Config, with_text: bool = True):
         super().__init__()
         self.config = config
         self.with_text = with_text
-        self.compute_dtype = compute_dtype
         self.input_proj = nn.Linear(config.in_channels, config.hidden_size)
         if with_text:
             self.llm_cond_norm = RMSNorm(config.llm_features_dim, eps=1e-6)
@@ -338,7 +337,7 @@ class Ideogram4DiT(nn.Module):
         stay packed inside the Linear modules it returns.
         """
         with torch.device("meta"):
-            model = cls(config, with_text, compute_dtype)
+            model = cls(config, with_text)
         for name, module in list(model.named_modules()):
             if type(module) is nn.Linear:
                 _set_submodule(model, name, weights.linear(name, compute_dtype, device))
@@ -349,9 +348,15 @@ class Ideogram4DiT(nn.Module):
                 setattr(model.get_submodule(owner), attr, nn.Parameter(value, requires_grad=False))
         return model.requires_grad_(False).eval()
 
+    # Every plain parameter is held in the compute dtype (and packed Linears follow `.to(dtype)`), so one of them
+    # tells the dtype and device even after `model.to(...)`.
     @property
     def device(self) -> torch.device:
         return self.embed_image_indicator.weight.device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.embed_image_indicator.weight.dtype
 
     # -- per-image preparation ----------------------------------------------------------------------------------
 
@@ -363,8 +368,11 @@ class Ideogram4DiT(nn.Module):
         """
         if not self.with_text:
             raise RuntimeError("The unconditional branch takes no text; project the text with the conditional one.")
-        features = text_features.to(device=self.device, dtype=self.compute_dtype)
-        return self.llm_cond_proj(self.llm_cond_norm(features))
+        dtype = self.compute_dtype
+        # The reference casts the features to the compute dtype before the norm; in fp16 an LLM's outlier
+        # activations could exceed 65504 there, so fp16 mode normalises in float32 first.
+        features = text_features.to(device=self.device, dtype=torch.float32 if dtype == torch.float16 else dtype)
+        return self.llm_cond_proj(self.llm_cond_norm(features, out_dtype=dtype))
 
     def rotary(self, text_len: int, grid: tuple[int, int]) -> RotaryTables:
         """cos/sin for `text_len` text rows followed by the gh x gw image grid; both branches can share it."""

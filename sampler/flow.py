@@ -76,13 +76,17 @@ def sample(
     channels = cond_branch.config.in_channels
     if uncond_branch.config != cond_branch.config:
         raise SamplingError("The conditional and unconditional branches have different shapes; load a matching pair.")
-    if projected_text is None or projected_text.dim() not in (2, 3) or projected_text.shape[-1] != (
-        cond_branch.config.hidden_size
-    ):
+    hidden = cond_branch.config.hidden_size
+    shape = None if projected_text is None else tuple(projected_text.shape)
+    if shape is None or len(shape) not in (2, 3) or shape[-1] != hidden or (len(shape) == 3 and shape[0] not in (
+        1, batch_size
+    )):
         raise SamplingError(
-            "projected_text must be the conditional branch's project_text(...) output, (n, "
-            f"{cond_branch.config.hidden_size}); got {None if projected_text is None else tuple(projected_text.shape)}."
+            "projected_text must be the conditional branch's project_text(...) output for one prompt, (n, "
+            f"{hidden}) or (1 or batch_size, n, {hidden}); got {shape}."
         )
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise SamplingError(f"seed must be a whole number, got {seed!r}.")
 
     device = cond_branch.device
     if noise is None:

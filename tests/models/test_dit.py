@@ -107,6 +107,16 @@ def test_fp16_residual_guard_keeps_large_activations_finite(reference):
     assert ((got - expected).pow(2).mean().sqrt() / expected.pow(2).mean().sqrt()).item() <= 0.02
 
 
+def test_fp16_text_projection_survives_outlier_features(reference):
+    latents, features, t = _inputs(seed=8)
+    features[:, 5] = 2e5  # beyond fp16 range, as massive LLM activations can be
+    fp32 = _ours(reference, with_text=True)
+    fp16 = _ours(reference, with_text=True, dtype=torch.float16)
+    expected, got = fp32.project_text(features), fp16.project_text(features)
+    assert torch.isfinite(got).all()
+    assert ((got.float() - expected).norm() / expected.norm()).item() <= 2e-3
+
+
 def test_fp16_matches_fp32_on_ordinary_weights(reference):
     latents, features, t = _inputs(seed=7)
     fp32 = _ours(reference, with_text=True)

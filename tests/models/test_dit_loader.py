@@ -213,8 +213,12 @@ def test_load_on_cpu_then_move_keeps_weights_packed(tmp_path, pair):
     assert cond.compute_dtype == torch.float32  # the CPU default
     qkv = cond.layers[0].attention.qkv
     assert qkv.packed.dtype == torch.uint8 and qkv.weight.dtype == torch.float32
-    moved = cond.to("cpu")
-    assert moved.layers[0].attention.qkv.packed.dtype == torch.uint8
+    # moving / re-typing afterwards keeps the blocks packed and equals loading in that dtype directly
+    cond, uncond = cond.to("cpu", torch.bfloat16), uncond.to(torch.bfloat16)
+    assert cond.compute_dtype == torch.bfloat16 and cond.layers[0].attention.qkv.packed.dtype == torch.uint8
+    direct = load_dit_branches(tmp_path / "q.gguf", compute_dtype=torch.bfloat16, config_overrides=TINY_ROPE)
+    for got, want in zip(_velocities(cond, uncond), _velocities(*direct[:2])):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -149,6 +149,16 @@ def test_bad_sizes_and_batch_raise_sampling_error(small_pair, kwargs, message):
         sample(cond, uncond, text, args["width"], args["height"], batch_size=args["batch_size"])
 
 
+def test_bad_seed_and_text_raise_sampling_error(small_pair):
+    cond, uncond, text = small_pair
+    with pytest.raises(SamplingError, match="seed"):
+        sample(cond, uncond, text, SIZE, SIZE, seed=None)
+    with pytest.raises(SamplingError, match="projected_text"):
+        sample(cond, uncond, torch.zeros(9, 1000), SIZE, SIZE)
+    with pytest.raises(SamplingError, match="projected_text"):
+        sample(cond, uncond, text.expand(3, -1, -1), SIZE, SIZE, batch_size=2)
+
+
 def test_token_grid():
     assert token_grid(1024, 1024) == (64, 64)
     assert token_grid(2048, 768) == (48, 128)  # (gh, gw): height first
