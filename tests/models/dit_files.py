@@ -91,18 +91,15 @@ def write_gguf(path, branches: dict[str, dict[str, torch.Tensor]], qtype: Q, met
     return decoded
 
 
-def gguf_metadata(config, arrays: bool = True) -> dict:
-    """The `ideogram4.*` keys our quant_tools writes (arrays=False leaves out the one array, mrope_section)."""
-    metadata = {
+def gguf_metadata(config) -> dict:
+    """The `ideogram4.*` keys our quant_tools writes."""
+    return {
         "ideogram4.hidden_size": config.hidden_size, "ideogram4.num_layers": config.num_layers,
         "ideogram4.num_heads": config.num_heads, "ideogram4.head_dim": config.head_dim,
         "ideogram4.intermediate_size": config.intermediate_size, "ideogram4.adaln_dim": config.adaln_dim,
         "ideogram4.in_channels": config.in_channels, "ideogram4.llm_features_dim": config.llm_features_dim,
-        "ideogram4.rope_theta": float(config.rope_theta),
+        "ideogram4.rope_theta": float(config.rope_theta), "ideogram4.mrope_section": list(config.mrope_section),
     }
-    if arrays:
-        metadata["ideogram4.mrope_section"] = list(config.mrope_section)
-    return metadata
 
 
 def fp8_state(state: dict[str, torch.Tensor], scale_style: str, rest_dtype=torch.bfloat16):

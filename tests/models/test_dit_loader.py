@@ -17,14 +17,13 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import dit_files  # noqa: E402
 from dit_reference import TINY, official_state_dict, our_config, tiny_diffusers_dit  # noqa: E402
 
-from ideogram4_gguf.errors import GGUFFormatError, ModelFileError  # noqa: E402
+from ideogram4_gguf.errors import ModelFileError  # noqa: E402
 from ideogram4_gguf.models.dit import Ideogram4DiT  # noqa: E402
 from ideogram4_gguf.models.dit_loader import BRANCH_PREFIX_PAIRS, StateDictWeights, load_dit_branches  # noqa: E402
 from ideogram4_gguf.ops import Fp8Linear, QuantLinear  # noqa: E402
 
 GRID = (4, 5)
-# Files without metadata do not say the RoPE sections. Our GGUF metadata does (an array), but ops' header check
-# cannot read GGUF arrays yet (see test_gguf_array_metadata_gives_the_rope_sections), so most tests pass it here.
+# Files without metadata (sd.cpp GGUFs, ComfyUI files) do not say the RoPE sections; our GGUF metadata does.
 TINY_ROPE = {"mrope_section": tuple(TINY["mrope_section"])}
 # A tiny model whose Linears can be Q4_K (in_features % 256 == 0): hidden 256, MLP 256.
 Q4K = dict(attention_head_dim=128, num_attention_heads=2, intermediate_size=256, num_layers=1)
@@ -84,8 +83,8 @@ def test_two_branch_gguf_f32_every_prefix_pair(tmp_path, pair, prefixes):
     cond, uncond = pair
     config = our_config()
     decoded = dit_files.write_gguf(tmp_path / "two.gguf", dict(zip(prefixes, pair)), Q.F32,
-                                   dit_files.gguf_metadata(config, arrays=False))
-    loaded = load_dit_branches(tmp_path / "two.gguf", compute_dtype=torch.float32, config_overrides=TINY_ROPE)
+                                   dit_files.gguf_metadata(config))
+    loaded = load_dit_branches(tmp_path / "two.gguf", compute_dtype=torch.float32)
     assert loaded[2].layout == "two-branch file" and loaded[2].prefixes == prefixes and loaded[2].config == config
     _assert_same(loaded, _expected(decoded[prefixes[0]], decoded[prefixes[1]], config))
     # F32 is lossless: the loaded model equals the original float weights exactly
@@ -96,8 +95,8 @@ def test_two_branch_gguf_f32_every_prefix_pair(tmp_path, pair, prefixes):
 def test_two_branch_gguf_quantized(tmp_path, pair, qtype):
     config = our_config()
     decoded = dit_files.write_gguf(tmp_path / "q.gguf", {"cond.": pair[0], "uncond.": pair[1]}, qtype,
-                                   dit_files.gguf_metadata(config, arrays=False))
-    loaded = load_dit_branches(tmp_path / "q.gguf", compute_dtype=torch.float32, config_overrides=TINY_ROPE)
+                                   dit_files.gguf_metadata(config))
+    loaded = load_dit_branches(tmp_path / "q.gguf", compute_dtype=torch.float32)
     _assert_same(loaded, _expected(decoded["cond."], decoded["uncond."], config))
     if qtype != Q.F16:
         assert isinstance(loaded[0].layers[0].attention.qkv, QuantLinear)
@@ -113,9 +112,8 @@ def test_two_branch_gguf_q4_k_from_the_llama_cpp_quantizer(tmp_path):
     config = our_config(**Q4K)
     decoded = dit_files.write_gguf(tmp_path / "q4k.gguf", {"conditional_transformer.": cond_sd,
                                                           "unconditional_transformer.": uncond_sd},
-                                   Q.Q4_K, dit_files.gguf_metadata(config, arrays=False))
-    cond, uncond, info = load_dit_branches(tmp_path / "q4k.gguf", compute_dtype=torch.float32,
-                                           config_overrides=TINY_ROPE)
+                                   Q.Q4_K, dit_files.gguf_metadata(config))
+    cond, uncond, info = load_dit_branches(tmp_path / "q4k.gguf", compute_dtype=torch.float32)
     layer = cond.layers[0]
     for linear in (layer.attention.qkv, layer.attention.o, layer.feed_forward.w1, layer.feed_forward.w2):
         assert isinstance(linear, QuantLinear) and linear.storage == "Q4_K"
@@ -132,11 +130,6 @@ def test_two_branch_gguf_q4_k_from_the_llama_cpp_quantizer(tmp_path):
         assert _rel(got, exact) <= AMPLIFICATION * weight_error
 
 
-@pytest.mark.xfail(
-    strict=True, raises=GGUFFormatError,
-    reason="ops/gguf_file.py _Cursor.unpack advances by struct.calcsize(fmt) without '<' (16 bytes for 'IQ' "
-           "instead of 12), so any GGUF with an array KV is rejected; remove this mark once ops is fixed",
-)
 def test_gguf_array_metadata_gives_the_rope_sections(tmp_path, pair):
     config = our_config()
     dit_files.write_gguf(tmp_path / "two.gguf", {"cond.": pair[0], "uncond.": pair[1]}, Q.F32,
@@ -208,15 +201,15 @@ def test_bf16_diffusers_split_names(tmp_path):
 
 def test_load_on_cpu_then_move_keeps_weights_packed(tmp_path, pair):
     dit_files.write_gguf(tmp_path / "q.gguf", {"cond.": pair[0], "uncond.": pair[1]}, Q.Q8_0,
-                         dit_files.gguf_metadata(our_config(), arrays=False))
-    cond, uncond, _ = load_dit_branches(tmp_path / "q.gguf", device="cpu", config_overrides=TINY_ROPE)
+                         dit_files.gguf_metadata(our_config()))
+    cond, uncond, _ = load_dit_branches(tmp_path / "q.gguf", device="cpu")
     assert cond.compute_dtype == torch.float32  # the CPU default
     qkv = cond.layers[0].attention.qkv
     assert qkv.packed.dtype == torch.uint8 and qkv.weight.dtype == torch.float32
     # moving / re-typing afterwards keeps the blocks packed and equals loading in that dtype directly
     cond, uncond = cond.to("cpu", torch.bfloat16), uncond.to(torch.bfloat16)
     assert cond.compute_dtype == torch.bfloat16 and cond.layers[0].attention.qkv.packed.dtype == torch.uint8
-    direct = load_dit_branches(tmp_path / "q.gguf", compute_dtype=torch.bfloat16, config_overrides=TINY_ROPE)
+    direct = load_dit_branches(tmp_path / "q.gguf", compute_dtype=torch.bfloat16)
     for got, want in zip(_velocities(cond, uncond), _velocities(*direct[:2])):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
@@ -254,9 +247,9 @@ def test_two_branch_file_given_as_the_unconditional_one(tmp_path, pair):
 def test_incomplete_file_names_the_missing_tensors(tmp_path, pair):
     cond = {k: v for k, v in pair[0].items() if k != "layers.1.feed_forward.w3.weight"}
     dit_files.write_gguf(tmp_path / "cut.gguf", {"cond.": cond, "uncond.": pair[1]}, Q.F16,
-                         dit_files.gguf_metadata(our_config(), arrays=False))
+                         dit_files.gguf_metadata(our_config()))
     with pytest.raises(ModelFileError, match=r"cond\.\*.*1 of the .* missing.*layers\.1\.feed_forward\.w3\.weight"):
-        load_dit_branches(tmp_path / "cut.gguf", config_overrides=TINY_ROPE)
+        load_dit_branches(tmp_path / "cut.gguf")
 
 
 def test_branches_of_different_models_are_rejected(tmp_path, pair):
@@ -275,7 +268,7 @@ def test_missing_rope_settings_point_to_config_overrides(tmp_path, pair):
 
 
 def test_metadata_contradicting_the_tensors_is_rejected(tmp_path, pair):
-    metadata = {**dit_files.gguf_metadata(our_config(), arrays=False), "ideogram4.hidden_size": 64}
+    metadata = {**dit_files.gguf_metadata(our_config()), "ideogram4.hidden_size": 64}
     dit_files.write_gguf(tmp_path / "bad.gguf", {"cond.": pair[0], "uncond.": pair[1]}, Q.F16, metadata)
     with pytest.raises(ModelFileError, match="hidden_size = 64 but the tensors have 32"):
-        load_dit_branches(tmp_path / "bad.gguf", config_overrides=TINY_ROPE)
+        load_dit_branches(tmp_path / "bad.gguf")
