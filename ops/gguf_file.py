@@ -136,7 +136,7 @@ class _Cursor:
             self.fail(f"truncated while reading {what} at byte {self.pos} (file has {self.size} bytes)")
 
     def unpack(self, fmt: str, what: str):
-        n = struct.calcsize(fmt)
+        n = struct.calcsize("<" + fmt)
         self.need(n, what)
         value = struct.unpack_from("<" + fmt, self.buf, self.pos)
         self.pos += n

@@ -177,9 +177,6 @@ def test_llama_cpp_gguf_float_is_exact(tiny, tmp_path):
     assert torch.equal(encoder(IDS), features(expected))
 
 
-@pytest.mark.xfail(strict=True, reason="ops.gguf_file._Cursor.unpack sizes 'IQ' with native struct alignment "
-                                       "(16 bytes, not 12): every GGUF with an array in its metadata is rejected "
-                                       "as truncated. Remove this mark once ops is fixed.")
 def test_gguf_tokenizer_travels_with_the_encoder(tiny, tmp_path):
     state, _ = tiny
     tensors = {to_llama_cpp(k): v.numpy() for k, v in state.items()}

@@ -28,7 +28,9 @@ def valid_file(tmp_path, rng):
         "input_proj.bias": rng.normal(size=(8,)).astype(np.float32),
         "final_layer.linear.weight": (Q.BF16, quants.quantize(rng.normal(size=(2, 32)).astype(np.float32), Q.BF16)),
     }
-    path = write_gguf(tmp_path / "model.gguf", tensors, {"ideogram4.num_layers": 1, "note": "tëst"})
+    path = write_gguf(tmp_path / "model.gguf", tensors, {"ideogram4.num_layers": 1, "note": "tëst",
+                                                         "ideogram4.mrope_section": [24, 20, 20],
+                                                         "tokenizer.ggml.tokens": ["a", "b", "<|im_end|>"]})
     return path, tensors
 
 
@@ -37,6 +39,8 @@ def test_opens_with_metadata_and_logical_shapes(valid_file):
     f = open_gguf(path)
     assert f.metadata["general.architecture"] == "ideogram4"
     assert f.metadata["ideogram4.num_layers"] == 1 and f.metadata["note"] == "tëst"
+    assert f.metadata["ideogram4.mrope_section"] == [24, 20, 20]
+    assert f.metadata["tokenizer.ggml.tokens"] == ["a", "b", "<|im_end|>"]
     assert set(f.tensors) == set(tensors)
     qkv = f.tensors["layers.0.attention.qkv.weight"]
     assert qkv.qtype == Q.Q4_K and qkv.shape == (6, 512) and qkv.raw.dtype == torch.uint8
