@@ -80,6 +80,14 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+FP16_MAX = 65504.0  # largest finite float16
+
+
+def _saturate(x: torch.Tensor) -> torch.Tensor:
+    """fp16 only: keep a branch output finite (an inf would turn the row into NaN at the next norm)."""
+    return x.clamp(-FP16_MAX, FP16_MAX) if x.dtype == torch.float16 else x
+
+
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
     """cos/sin (n, head_dim) of rotate-half RoPE for integer `positions`, angles in fp32."""
     # inv_freq is built on the CPU like transformers' buffer: a GPU pow can differ in the last bit.
@@ -157,7 +165,7 @@ class Qwen3MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(_saturate(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -169,8 +177,11 @@ class Qwen3DecoderLayer(nn.Module):
         self.mlp = Qwen3MLP(config, dtype, device)
 
     def forward(self, h: torch.Tensor, cos, sin, cache: KVCache | None = None) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        # h is in the compute dtype, except in fp16 mode where the residual stream is float32 (Qwen's outlier
+        # activations exceed fp16's range); the norms then hand the branches fp16 inputs. No-op casts otherwise.
+        dtype = self.input_layernorm.weight.dtype
+        h = h + _saturate(self.self_attn(self.input_layernorm(h).to(dtype), cos, sin, cache)).to(h.dtype)
+        return h + _saturate(self.mlp(self.post_attention_layernorm(h).to(dtype))).to(h.dtype)
 
 
 class Qwen3TextEncoder(nn.Module):
@@ -192,7 +203,6 @@ class Qwen3TextEncoder(nn.Module):
     ):
         super().__init__()
         self.config = config
-        self.compute_dtype = dtype
         num_layers = config.layers_for_taps if num_layers is None else num_layers
         if num_layers < config.layers_for_taps:
             raise ValueError(f"{num_layers} layers cannot reach tap layer {max(config.tap_layers)}")
@@ -204,12 +214,21 @@ class Qwen3TextEncoder(nn.Module):
     def device(self) -> torch.device:
         return self.layers[0].input_layernorm.weight.device
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """bf16, fp16 or fp32; follows `.to(dtype)` (the stored-form layers of `ops` follow it too)."""
+        return self.layers[0].input_layernorm.weight.dtype
+
+    @property
+    def residual_dtype(self) -> torch.dtype:
+        return torch.float32 if self.compute_dtype == torch.float16 else self.compute_dtype
+
     def embed(self, input_ids) -> torch.Tensor:
-        """(1, n, hidden) activations in the compute dtype, on the layers' device."""
+        """(1, n, hidden) activations in the residual dtype, on the layers' device."""
         table = next(itertools.chain(self.embed_tokens.parameters(), self.embed_tokens.buffers()))
         ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1).to(table.device)
         h = self.embed_tokens(ids)
-        return h.to(device=self.device, dtype=self.compute_dtype).unsqueeze(0)
+        return h.to(device=self.device, dtype=self.residual_dtype).unsqueeze(0)
 
     def _rope(self, start: int, n: int):
         positions = torch.arange(start, start + n, device=self.device)

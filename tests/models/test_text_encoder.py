@@ -86,6 +86,21 @@ def test_bf16_taps_match_transformers_bf16(reference):
     assert (features - expected).abs().max().item() <= 2**-7 * expected.abs().max().item()
 
 
+def test_fp16_keeps_a_float32_residual_and_stays_finite(reference):
+    ids = torch.randint(0, TINY_VOCAB, (11,), generator=torch.Generator().manual_seed(9))
+    exact = _ours(reference, torch.float32)(ids)
+    half = _ours(reference, torch.float16)
+    assert half.compute_dtype == torch.float16 and half.residual_dtype == torch.float32
+    features = half(ids)
+    assert ((features - exact).norm() / exact.norm()).item() < 0.02  # fp16 weights and branch maths
+    # An outlier branch (as Qwen's "massive activations") beyond fp16's range saturates instead of
+    # turning the residual stream into inf / NaN.
+    with torch.no_grad():
+        half.layers[2].mlp.down_proj.weight.mul_(1e5)
+    blown = half(ids)
+    assert torch.isfinite(blown).all() and blown.abs().max().item() >= 60000
+
+
 def test_builds_only_the_layers_the_taps_need():
     config = Qwen3TextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_layers=40, num_heads=2,
                              num_kv_heads=1, head_dim=8)
