@@ -16,7 +16,7 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 from ideogram4_gguf.errors import ModelFileError
-from ideogram4_gguf.models.text_encoder import Qwen3TextConfig, Qwen3TextEncoder
+from ideogram4_gguf.models.text_encoder import Qwen3TextConfig, Qwen3TextEncoder, unload_text_encoder
 from ideogram4_gguf.models.text_encoder_loader import (
     GGUF_BLOCK_NAMES,
     QuantizedEmbedding,
@@ -263,6 +263,8 @@ def test_llama_cpp_gguf_q8_0(tiny, tmp_path):
     encoder = load_text_encoder(path, compute_dtype=torch.float32, embed_device="cpu")
     assert isinstance(encoder.embed_tokens, QuantizedEmbedding)
     assert torch.equal(encoder(IDS), features(dequantized))
+    unload_text_encoder(encoder)  # packed blocks included: nothing keeps memory
+    assert all(t.device.type == "meta" for t in [*encoder.parameters(), *encoder.buffers()])
 
 
 @pytest.fixture(scope="module")
