@@ -129,18 +129,20 @@ class SourceHasher(threading.Thread):
         return 100.0 * self.done / self.total if self.total else 100.0
 
 
+_ADD_VALUE = {
+    "uint32": lambda writer, key, value: writer.add_uint32(key, int(value)),
+    "float32": lambda writer, key, value: writer.add_float32(key, float(value)),
+    "uint32_array": lambda writer, key, value: writer.add_key_value(
+        key, [int(v) for v in value], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32),
+}
+
+
 def _add_metadata(writer, branches, recipe, bare_names, hash_labels):
     config = branches[0].config
     writer.add_name("Ideogram 4 DiT" + (f" ({branches[0].role})" if len(branches) == 1 else " (both CFG branches)"))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for suffix, (field, kind) in METADATA_KEYS.items():
-        key, value = f"{ARCH}.{suffix}", getattr(config, field)
-        if kind == "uint32":
-            writer.add_uint32(key, int(value))
-        elif kind == "float32":
-            writer.add_float32(key, float(value))
-        else:
-            writer.add_key_value(key, [int(v) for v in value], gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32)
+        _ADD_VALUE[kind](writer, f"{ARCH}.{suffix}", getattr(config, field))
     writer.add_array(f"{ARCH}.branches", [b.role for b in branches])
     if not bare_names:
         writer.add_array(f"{ARCH}.branch_prefixes", [TWO_BRANCH_PREFIXES[b.role] for b in branches])
@@ -175,6 +177,9 @@ def _write_tensor(fout, planned, threads):
     for start in range(0, rows, step):
         values = t.source.read(start, min(rows, start + step)) if len(t.shape) > 1 else t.source.read()
         values = values.reshape(-1, row_len)
+        if not np.isfinite(values).all():
+            raise QuantToolError(f"{t.out_name} holds inf or nan values in rows {start}..{start + len(values) - 1} "
+                                 "of its source: the source file is damaged")
         if t.qtype.name == "F16" and values.size and np.abs(values).max() > _F16_MAX:
             raise QuantToolError(
                 f"{t.out_name} has values beyond the float16 range (max |x| = {np.abs(values).max():g}); store it as "

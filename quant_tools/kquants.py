@@ -21,22 +21,24 @@ _ZERO = F32(0)
 _RINT_SAFE = F32(4194303)
 
 
-def _levels(v, lo, hi, out, ends):
+def _levels(v, lo, hi, out, safe):
     """out = clamp(nearest_int(v), lo, hi) as float32, for a float32 array v that the caller may overwrite.
 
-    `ends` are the per-sub-block extreme values of v (computed by the caller with the same float operations, so
-    they are exactly v's min and max). Fast path: clip then rint (identical to round-then-clamp because lo and
-    hi are integers). When a value is non-finite or beyond ±2**22 the reference's bit trick gives something
-    else, so that case is reproduced exactly (only pathological inputs get there).
+    Fast path: clip then rint (identical to round-then-clamp because lo and hi are integers). The reference's
+    nearest_int() is a bit trick that stops rounding beyond ±2**22; the caller says (`safe`, from the extreme
+    values of v) whether any value can be out there, and then that case is reproduced exactly.
     """
-    with np.errstate(invalid="ignore"):
-        safe = all(bool(np.all(np.abs(e) <= _RINT_SAFE)) for e in ends)  # False for inf and nan too
     if safe:
         np.clip(v, F32(lo), F32(hi), out=out)
         np.rint(out, out=out)
     else:
         out[...] = np.clip(nearest_int(v), lo, hi)
     return out
+
+
+def _within_rint_range(*extremes):
+    with np.errstate(invalid="ignore"):
+        return all(bool(np.abs(e).max() <= _RINT_SAFE) for e in extremes)  # False for inf and nan too
 
 
 def _finite_or_zero(a):
@@ -70,8 +72,9 @@ def _fit_asymmetric(x, nmax, rmin, rdelta, nstep):
     def quantize_levels(iscale, minimum):
         np.subtract(x, minimum, out=tmp)
         np.multiply(tmp, iscale, out=tmp)
-        ends = ((x_min - minimum) * iscale, (x_max - minimum) * iscale)
-        return _levels(tmp, 0, nmax, levels, ends)
+        # v's largest value, (x_max - min) * iscale, is about nmax + 1 by construction (iscale is finite here);
+        # only its smallest can leave the rint range, when a fitted min lies far above the data minimum.
+        return _levels(tmp, 0, nmax, levels, _within_rint_range((x_min - minimum) * iscale))
 
     def weighted_error(scale, minimum):
         # w * ((scale * L + min) - x)^2, summed left to right: the reference's exact association
@@ -110,13 +113,13 @@ def _fit_asymmetric(x, nmax, rmin, rdelta, nstep):
         error = weighted_error(this_scale, this_min)
         won = (det > 0) & (error < best_error)
         if won.any():
-            best_error = np.where(won, error, best_error)
-            scale = np.where(won, this_scale, scale)
+            np.copyto(best_error, error, where=won)
+            np.copyto(scale, this_scale, where=won)
             # The winning levels are rebuilt once at the end from the (iscale, min) that produced them, which is
             # cheaper than copying 32 x S levels after every win.
-            best_iscale = np.where(won, iscale, best_iscale)
-            best_minimum = np.where(won, the_min, best_minimum)
-            the_min = np.where(won, this_min, the_min)
+            np.copyto(best_iscale, iscale, where=won)
+            np.copyto(best_minimum, the_min, where=won)
+            np.copyto(the_min, this_min, where=won)
 
     quantize_levels(best_iscale, best_minimum)
     levels[:, flat] = _ZERO
@@ -274,7 +277,8 @@ def _fit_symmetric_q6(x):
 
     def quantize_levels(iscale):
         np.multiply(x, iscale, out=tmp)
-        return _levels(tmp, -32, 31, levels, (x_min * iscale, x_max * iscale))
+        # |x| <= |signed_max| makes |v| <= 33 by construction; checked anyway, it costs two small products
+        return _levels(tmp, -32, 31, levels, _within_rint_range(x_min * iscale, x_max * iscale))
 
     def sums(iscale):
         quantize_levels(iscale)

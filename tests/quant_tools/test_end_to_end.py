@@ -218,3 +218,44 @@ def test_runs_as_top_level_package_without_torch(repo_root, built):
                             text=True)
     assert result.returncode == 0, result.stderr
     assert "architecture: ideogram4" in result.stdout
+
+
+def test_inspect_a_file_written_by_another_tool(capsys, tmp_path, small_models):
+    # an sd.cpp-style single-branch file: bare names, no metadata at all, BF16 / Q8_0 mix
+    import torch
+
+    fused, _, _ = small_models["cond"]
+    writer = gguf.GGUFWriter(tmp_path / "other.gguf", "unknown")
+    for name, value in fused.items():
+        array = value.float().numpy()
+        if array.ndim == 2 and name.startswith("layers."):
+            data = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, value.to(torch.float16).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    code, out, err = _run(capsys, "inspect", tmp_path / "other.gguf", "--recipe", "q8_0")
+    assert code == 0, err
+    assert "(bare names) 42 tensors" in out and "F16 30 (" in out and "Q8_0 12 (" in out
+    # layer linears agree with q8_0; the global ones (F16 here) are reported as mismatches
+    assert "MISMATCH: recipe says Q8_0" in out.split("t_embedding.mlp_in.weight")[1].splitlines()[0]
+    code, _, err = _run(capsys, "verify", tmp_path / "other.gguf", "--source", "x")
+    assert code == 2 and "records no recipe" in err
+
+
+@pytest.mark.parametrize("value, message", [(float("nan"), "inf or nan"), (1e6, "beyond the float16 range")])
+def test_values_a_type_cannot_hold_are_refused(capsys, tmp_path, small_models, layouts, value, message):
+    from safetensors.torch import save_file
+
+    fused, _, _ = small_models["cond"]
+    state = {k: v.clone() for k, v in fused.items()}
+    state["layers.1.ffn_norm1.weight"][3] = value  # a norm gain: stored as F16 by the q4_k recipe
+    save_file(state, str(tmp_path / "cond.safetensors"))
+    out = tmp_path / "x.gguf"
+    code, _, err = _run(capsys, "quantize", "--source", tmp_path / "cond.safetensors", "--single-branch", "cond",
+                        "--out", out, "--no-progress")
+    assert code == 2 and "layers.1.ffn_norm1.weight" in err and message in err
+    assert not out.exists() and not out.with_name("x.gguf.partial").exists()
