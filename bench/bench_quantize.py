@@ -2,12 +2,14 @@
 
     python bench/bench_quantize.py [--rows 1024] [--cols 4096] [--repeats 5] [--types Q4_K Q8_0 Q6_K Q5_K]
     python bench/bench_quantize.py --errors
+    python bench/bench_quantize.py --big-tensor [--threads 2]
 
 Prints M weights/s (best of --repeats, wall clock) on Gaussian weights (sigma 0.02, 1 % outlier columns x 8) and
 checks on the way that both give the same bytes. The 2-thread oracle splits the rows over two threads
 (`ggml_quantize_chunk` releases the GIL). `--errors` prints instead the relative RMSE of each type on synthetic
-weight distributions and of each shipped recipe (weighted by the full-size tensor sizes). Run it from the
-repository root.
+weight distributions and of each shipped recipe (weighted by the full-size tensor sizes). `--big-tensor` streams
+one full-size llm_cond_proj (4608 x 53248 fp8 e4m3fn + per-row weight_scale, written to a temp file) through the
+file writer's quantize path into /dev/null and prints the time and the peak RSS. Run it from the repository root.
 """
 
 import argparse
@@ -102,6 +104,46 @@ def print_errors(rows, cols):
         print(f"  {name:<8} rel RMSE {np.sqrt(err2 / total):.4f}   {8 * nbytes / total:.3f} bits/weight")
 
 
+def big_tensor(threads, qtype="Q4_K"):
+    """Full-size llm_cond_proj through build._write_tensor: wall time and peak RSS (Linux VmHWM)."""
+    import json
+    import tempfile
+
+    from quant_tools.build import PlannedTensor, _write_tensor
+    from quant_tools.quants import get_qtype
+    from quant_tools.safetensors_io import SafetensorsFile
+    from quant_tools.sources import Part, TensorSource
+
+    rows, cols = 4608, 53248
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "llm_cond_proj.safetensors"
+        header = {"w": {"dtype": "F8_E4M3", "shape": [rows, cols], "data_offsets": [0, rows * cols]},
+                  "w_scale": {"dtype": "F32", "shape": [rows], "data_offsets": [rows * cols, rows * cols + 4 * rows]}}
+        raw = json.dumps(header).encode()
+        raw += b" " * (-len(raw) % 8)
+        with open(path, "wb") as f:
+            f.write(len(raw).to_bytes(8, "little") + raw)
+            for _ in range(0, rows, 256):  # random finite e4m3 codes (0x7f / 0xff are nan)
+                codes = rng.integers(0, 0x7F, (256, cols), dtype=np.uint8)
+                f.write((codes | (rng.integers(0, 2, (256, cols), dtype=np.uint8) << 7)).tobytes())
+            f.write(np.full(rows, 1e-3, np.float32).tobytes())
+        source = SafetensorsFile(path)
+        tensor = TensorSource("llm_cond_proj.weight", (rows, cols), [Part(source, "w", rows, "w_scale", source)])
+        planned = PlannedTensor("llm_cond_proj.weight", "conditional", tensor, get_qtype(qtype), "bench")
+        start, cpu = time.perf_counter(), time.process_time()
+        with open(os.devnull, "wb") as sink:
+            weights = sum(_write_tensor(sink, planned, threads))
+        wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+        source.close()
+    peak = "?"
+    if os.path.exists("/proc/self/status"):
+        peak = [line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")][0]
+        peak = f"{int(peak) / 1024:.0f} MiB"
+    print(f"llm_cond_proj {rows} x {cols} fp8 -> {qtype}, {threads} threads: {wall:.1f} s wall "
+          f"({weights / wall / 1e6:.1f} M weights/s), {cpu:.1f} CPU-s, peak RSS {peak}; load average {os.getloadavg()[0]:.1f}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1024)
@@ -109,9 +151,13 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--types", nargs="+", default=["Q4_K", "Q8_0", "Q6_K", "Q5_K"])
     parser.add_argument("--errors", action="store_true", help="print quantization errors instead of speed")
+    parser.add_argument("--big-tensor", action="store_true", help="one full-size llm_cond_proj: time and peak RSS")
+    parser.add_argument("--threads", type=int, default=2, help="threads for --big-tensor")
     args = parser.parse_args(argv)
     if args.errors:
         return print_errors(512, args.cols)
+    if args.big_tensor:
+        return big_tensor(args.threads)
 
     rng = np.random.default_rng(0)
     x = (rng.standard_normal((args.rows, args.cols)) * 0.02).astype(np.float32)

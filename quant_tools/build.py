@@ -248,8 +248,8 @@ def build_gguf(branches, recipe, out_path, *, bare_names=False, threads=None, pr
                    desc="quantize", dynamic_ncols=True, smoothing=0.05)
         with bar:
             for t in planned:
-                bar.set_postfix_str(f"{t.out_name} {t.qtype.name} | sha256 {hasher.percent():.0f}%", refresh=False)
                 for done in _write_tensor(fout, t, threads):
+                    bar.set_postfix_str(f"{t.out_name} {t.qtype.name} | sha256 {hasher.percent():.0f}%", refresh=False)
                     bar.update(done)
                 _pad(fout, writer.data_alignment)
             if hasher.is_alive():
