@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from quant_tools.quants import QTYPES, quantize  # noqa: E402
+from quant_tools.quants import QTYPES, quantize
 
 
 def ggml_oracle():
@@ -168,11 +168,11 @@ def main(argv=None):
           f"{os.cpu_count()} CPUs, load average {load[0]}")
     print(f"{'type':<5} {'quant_tools 1t':>15} {'quant_tools 2t':>15} {'ggml 1t':>10} {'ggml 2t':>10}  bytes")
     for qtype in args.types:
-        ours1, bytes1 = best_rate(lambda: quantize(x, qtype, threads=1), x.size, args.repeats)
-        ours2, _ = best_rate(lambda: quantize(x, qtype, threads=2), x.size, args.repeats)
+        ours1, bytes1 = best_rate(lambda q=qtype: quantize(x, q, threads=1), x.size, args.repeats)
+        ours2, _ = best_rate(lambda q=qtype: quantize(x, q, threads=2), x.size, args.repeats)
         if oracle is not None:
-            ref1, reference = best_rate(lambda: oracle(x, qtype, 1), x.size, args.repeats)
-            ref2, _ = best_rate(lambda: oracle(x, qtype, 2), x.size, args.repeats)
+            ref1, reference = best_rate(lambda q=qtype: oracle(x, q, 1), x.size, args.repeats)
+            ref2, _ = best_rate(lambda q=qtype: oracle(x, q, 2), x.size, args.repeats)
             same = "identical" if np.array_equal(bytes1, reference) else "DIFFER"
             print(f"{qtype:<5} {ours1:>15.1f} {ours2:>15.1f} {ref1:>10.1f} {ref2:>10.1f}  {same}")
         else:

@@ -12,7 +12,7 @@ Importing this package is cheap: the submodules load on first use.
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "quantize", "dequantize", "QuantToolError"]
+__all__ = ["QuantToolError", "__version__", "dequantize", "quantize"]
 
 
 def __getattr__(name):

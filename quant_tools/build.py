@@ -158,7 +158,7 @@ def _patch_hashes(path, labels, digests):
     with open(path, "r+b") as f:
         head = f.read(1 << 20)
         for label in labels:
-            text = f"{label}:{_HASH_PLACEHOLDER}".encode("utf-8")
+            text = f"{label}:{_HASH_PLACEHOLDER}".encode()
             # the gguf string's length prefix makes the match unique ("conditional/x" is inside "unconditional/x")
             needle = struct.pack("<Q", len(text)) + text
             at = head.find(needle)
@@ -274,7 +274,7 @@ def build_gguf(branches, recipe, out_path, *, bare_names=False, threads=None, pr
         _abandon(writer, hasher, temp)
         raise
     seconds = time.perf_counter() - started
-    counts, sizes, weights = type_histogram(planned)
+    counts, _, weights = type_histogram(planned)
     return {
         "path": str(out_path),
         "bytes": out_path.stat().st_size,

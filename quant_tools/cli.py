@@ -82,7 +82,7 @@ def _quantize(args):
         if hint:
             _say(hint)
         planned = plan(branches, recipe, bare_names=single is not None)
-        counts, sizes, weights = type_histogram(planned)
+        counts, sizes, _ = type_histogram(planned)
         _say(f"recipe {recipe.name} ({recipe.origin}):")
         by_rule = {}
         for t in planned:
@@ -139,7 +139,7 @@ def _recipes(args):
 
     for name in shipped_names():
         recipe = Recipe.load(name)
-        counts, sizes, _ = type_histogram(plan([_Branch("conditional"), _Branch("unconditional")], recipe))
+        _, sizes, _ = type_histogram(plan([_Branch("conditional"), _Branch("unconditional")], recipe))
         _say(f"{name}: {sum(sizes.values()) / 1e9:.2f} GB for both full-size branches (computed; "
              + ", ".join(f"{q} {sizes[q] / 1e9:.2f} GB" for q, _ in sizes.most_common()) + ")")
         _say(f"    {recipe.description}")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import config_from_json, config_from_shapes, check_tensors
+from .config import check_tensors, config_from_json, config_from_shapes
 from .errors import QuantToolError
 from .safetensors_io import open_many
 
