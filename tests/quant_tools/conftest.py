@@ -12,8 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-from safetensors.torch import save_file  # noqa: E402
+
+def _torch():
+    return pytest.importorskip("torch", reason="torch builds the test models (quant_tools itself never imports it)")
+
+
+def save_file(state, path):
+    from safetensors.torch import save_file as save
+
+    save(state, path)
 
 # Dims chosen so that every linear but input_proj (K = in_channels = 128) and llm_cond_proj (K = 13 * 64 = 832)
 # has K % 256 == 0: the q4_k recipe then exercises both Q4_K and the block-size fallback.
@@ -25,6 +32,7 @@ SMALL = dict(in_channels=128, num_layers=2, attention_head_dim=128, num_attentio
 
 def diffusers_state_dict(dims, seed):
     """Re-randomised diffusers Ideogram4Transformer2DModel weights (float32, split attention names) + config."""
+    torch = _torch()
     from diffusers import Ideogram4Transformer2DModel
 
     torch.manual_seed(seed)
@@ -46,6 +54,7 @@ def diffusers_state_dict(dims, seed):
 
 def fuse_attention(state):
     """diffusers split names -> official fused names (qkv = rows of to_q, to_k, to_v; o = to_out.0)."""
+    torch = _torch()
     fused = {}
     for name, value in state.items():
         if ".attention.to_q." in name:
@@ -63,6 +72,7 @@ def fuse_attention(state):
 
 def to_fp8(state, per_row=True, scale_suffix=".weight_scale"):
     """Weight-only float8 e4m3fn with a weight scale for every 2-D weight except input_proj/embed_image_indicator."""
+    torch = _torch()
     out = {}
     for name, value in state.items():
         if value.ndim == 2 and name.endswith(".weight") and not name.startswith(("input_proj", "embed_image")):
@@ -77,13 +87,6 @@ def to_fp8(state, per_row=True, scale_suffix=".weight_scale"):
         else:
             out[name] = value.to(torch.bfloat16)
     return out
-
-
-def fp8_dequant_reference(fp8_state, name):
-    """W = fp8 * weight_scale[:, None] in float32 (the most precise value the release defines)."""
-    w = fp8_state[name].float()
-    scale = fp8_state.get(name[: -len(".weight")] + ".weight_scale")
-    return w if scale is None else w * (scale[:, None] if scale.ndim else scale)
 
 
 def write_sharded(state, folder, stem="diffusion_pytorch_model", shards=2):
@@ -120,6 +123,7 @@ def small_models():
 @pytest.fixture(scope="session")
 def layouts(tmp_path_factory, small_models):
     """Every supported release layout of the same SMALL model pair, as CLI arguments."""
+    torch = _torch()
     root = tmp_path_factory.mktemp("layouts")
     made = {}
 
