@@ -26,7 +26,7 @@ import numpy as np
 
 from .config import check_tensors, config_from_json, config_from_shapes
 from .errors import QuantToolError
-from .safetensors_io import open_many
+from .safetensors_io import DTYPES, open_many
 
 BRANCHES = ("conditional", "unconditional")
 REPO_SUBFOLDERS = {"conditional": "transformer", "unconditional": "unconditional_transformer"}
@@ -188,6 +188,10 @@ def _collect(files, where):
     if len(indicators) > 1:
         raise QuantToolError(f"{where} holds {len(indicators)} transformers ({', '.join(indicators)}); pass one per branch")
     prefix = indicators[0][: -len(INDICATOR)]
+    nf4 = [key for key in owner if key.endswith((".absmax", ".quant_map")) or ".quant_state." in key]
+    if nf4:
+        raise QuantToolError(f"{where} is a bitsandbytes NF4 checkpoint ({nf4[0]}, ...); quant_tools reads the fp8, "
+                             "bf16, fp16 or fp32 releases (e.g. ideogram-ai/ideogram-4-fp8)")
 
     plain, scales, split, ignored, foreign = {}, {}, {}, [], []
     for key in owner:
@@ -242,6 +246,14 @@ def _collect(files, where):
             )
     if scales:
         raise QuantToolError(f"{where}: weight scale(s) without a weight: {', '.join(list(scales.values())[:4])}")
+    unreadable = [f"{p.key} ({p.file.entries[p.key].dtype})" for t in tensors.values() for p in t.parts
+                  if p.file.entries[p.key].dtype not in DTYPES]
+    if unreadable:
+        raise QuantToolError(
+            f"{where}: {len(unreadable)} tensor(s) in a storage format quant_tools does not read, e.g. "
+            f"{', '.join(unreadable[:3])}; it reads float8 e4m3fn/e5m2 (+ weight_scale), bf16, fp16 and fp32 "
+            "(int8, nvfp4 and other quantized releases cannot be re-quantized)"
+        )
     naming = "diffusers split attention names (fused to qkv / o)" if split else "official fused names"
     return tensors, prefix, naming, ignored
 

@@ -158,3 +158,17 @@ def test_branches_with_different_configs_are_refused(tmp_path, small_models, tin
     save_file(tiny_models["uncond"][0], str(tmp_path / "uncond.safetensors"))
     with pytest.raises(QuantToolError, match="different configs.*hidden_size: 256 vs 512"):
         open_branches(tmp_path / "cond.safetensors", tmp_path / "uncond.safetensors")
+
+
+def test_quantized_releases_that_cannot_be_read_are_refused_up_front(tmp_path, small_models):
+    state = _state(small_models)
+    w = state["layers.0.feed_forward.w1.weight"]
+    state["layers.0.feed_forward.w1.weight"] = torch.zeros(w.shape[0], w.shape[1] // 2, dtype=torch.uint8)
+    save_file(state, str(tmp_path / "int.safetensors"))
+    with pytest.raises(QuantToolError, match="does not read, e.g. layers.0.feed_forward.w1.weight \\(U8\\)"):
+        open_branches(tmp_path / "int.safetensors", single_branch="cond")
+    state = _state(small_models)
+    state["layers.0.feed_forward.w1.weight.absmax"] = torch.ones(8)
+    save_file(state, str(tmp_path / "nf4.safetensors"))
+    with pytest.raises(QuantToolError, match="bitsandbytes NF4"):
+        open_branches(tmp_path / "nf4.safetensors", single_branch="cond")
