@@ -333,7 +333,7 @@ class Ideogram4DiT(nn.Module):
         """Build on the meta device, then take every Linear from `weights.linear(prefix, compute_dtype, device)` and
         every other parameter from `weights.tensor(name, compute_dtype, device)`.
 
-        `weights` is an `ops` WeightSource (GGUF, safetensors) or `dit_loader.StateDictWeights`; quantized tensors
+        `weights` is an `ops` WeightSource (GGUF, safetensors) or `ops.StateDictSource`; quantized tensors
         stay packed inside the Linear modules it returns.
         """
         with torch.device("meta"):

@@ -24,10 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 
 from ..errors import ModelFileError
-from ..ops import open_weights
+from ..ops import FP8_STORAGE, StateDictSource, WeightSource, open_weights
 from .dit import ARCH_TENSOR, Ideogram4Config, Ideogram4DiT, default_compute_dtype
 
 # (conditional, unconditional) prefixes accepted inside one file, in the order they are tried.
@@ -237,16 +236,16 @@ def _official_names(source):
     return FusedAttentionWeights(renamed)
 
 
-class FusedAttentionWeights:
+class FusedAttentionWeights(WeightSource):
     """A weight source whose diffusers `to_q/to_k/to_v` triples are seen as one fused `qkv` (rows concatenated).
 
     The fused weight is a new dense tensor (the only copy the loader makes; split-name files are bf16 releases, so
     this is a plain concatenation). Everything else is delegated to the wrapped `ops` source.
     """
 
-    def __init__(self, base):
+    def __init__(self, base: WeightSource):
         self.base = base
-        self.path = getattr(base, "path", "")
+        self.path = base.describe()
         self.metadata = getattr(base, "metadata", {})
         self._parts: dict[str, list[str]] = {}
         names = []
@@ -271,21 +270,18 @@ class FusedAttentionWeights:
         return self.base.shape(name)
 
     def storage(self, name):
-        return self.base.storage(self._parts[name][0] if name in self._parts else name)
+        if name not in self._parts:
+            return self.base.storage(name)
+        storage = self.base.storage(self._parts[name][0])
+        return "F32" if storage == FP8_STORAGE else storage  # fused fp8 parts come out scaled, i.e. dense
 
-    def tensor(self, name, dtype=None, device="cpu"):
+    def _dense(self, name, dtype, device):
         if name in self._parts:
             return torch.cat([self.base.tensor(p, dtype, device) for p in self._parts[name]], dim=0)
-        return self.base.tensor(name, dtype, device)
+        return self.base._dense(name, dtype, device)
 
-    def linear(self, prefix, compute_dtype=torch.float32, device="cpu"):
-        name = prefix + ".weight"
-        if name not in self._parts:
-            return self.base.linear(prefix, compute_dtype, device)
-        weight = self.tensor(name, compute_dtype, device)
-        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-        layer.weight = nn.Parameter(weight, requires_grad=False)
-        return layer
+    def packed(self, name):
+        return None if name in self._parts else self.base.packed(name)
 
 
 def fuse_split_attention(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -302,38 +298,8 @@ def fuse_split_attention(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return fused
 
 
-class StateDictWeights:
-    """The part of the `ops` WeightSource contract the model needs, over an in-memory {name: tensor} dict.
-
-    Tensors already in the requested dtype and device are used as they are (no copy).
-    """
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        self._tensors = dict(tensors)
-        self.path = "<state dict>"
-        self.metadata = {}
-
-    def keys(self):
-        return list(self._tensors)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._tensors[name].shape)
-
-    def storage(self, name: str) -> str:
-        return str(self._tensors[name].dtype).replace("torch.", "")
-
-    def tensor(self, name: str, dtype: torch.dtype | None = None, device="cpu") -> torch.Tensor:
-        value = self._tensors[name]
-        return value.to(device=device, dtype=dtype or value.dtype)
-
-    def linear(self, prefix: str, compute_dtype: torch.dtype = torch.float32, device="cpu") -> nn.Linear:
-        weight = self.tensor(prefix + ".weight", compute_dtype, device)
-        has_bias = prefix + ".bias" in self._tensors
-        layer = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device="meta")
-        layer.weight = nn.Parameter(weight, requires_grad=False)
-        if has_bias:
-            layer.bias = nn.Parameter(self.tensor(prefix + ".bias", compute_dtype, device), requires_grad=False)
-        return layer
+# An in-memory state dict as a weight source (tests, converted checkpoints).
+StateDictWeights = StateDictSource
 
 
 # ---------------------------------------------------------------------------------------------------------------

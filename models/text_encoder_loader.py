@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 from pathlib import Path
@@ -213,23 +212,9 @@ def _embedding(view: WeightSource, device, compute_dtype) -> nn.Module:
     return DenseEmbedding(view.tensor(name, None, device))
 
 
-_FLOAT_BITS = {"F32": 32, "F16": 16, "BF16": 16, FP8_STORAGE: 8, "F64": 64}
-
-
 def stored_bytes(view: WeightSource, names) -> int:
     """Bytes the named tensors occupy in their stored form (what `QuantLinear`/`Fp8Linear` keep)."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    total = 0
-    for name in names:
-        numel = math.prod(view.shape(name))
-        storage = view.storage(name)
-        if storage in _FLOAT_BITS:
-            total += numel * _FLOAT_BITS[storage] // 8
-        else:
-            block, size = GGML_QUANT_SIZES[GGMLQuantizationType[storage]]
-            total += numel // block * size
-    return total
+    return sum(view.stored_nbytes(name) for name in names)
 
 
 def _auto_embed_device(view: WeightSource, num_layers: int, device) -> str | torch.device:

@@ -9,15 +9,17 @@ each model's loader.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+from gguf import GGMLQuantizationType as Q
 from torch import nn
 
 from ..errors import ModelFileError
-from .dequant import dequantize
+from .dequant import block_layout, dequantize
 from .gguf_file import GGUFFile, open_gguf
 from .linear import Fp8Linear, QuantLinear
 
@@ -49,7 +51,16 @@ class WeightSource:
         return None
 
     def __contains__(self, name: str) -> bool:
-        return name in set(self.keys())
+        return name in self._key_set()
+
+    def stored_nbytes(self, name: str) -> int:
+        """Bytes the tensor occupies in its stored form (what QuantLinear / Fp8Linear keep in memory)."""
+        numel = math.prod(self.shape(name))
+        storage = self.storage(name)
+        if storage in _STORAGE_BYTES:
+            return numel * _STORAGE_BYTES[storage]
+        block_size, type_size = block_layout(Q[storage])
+        return numel // block_size * type_size
 
     def describe(self) -> str:
         return self.path
@@ -200,6 +211,37 @@ _SAFETENSORS_STORAGE = {"F32": "F32", "F16": "F16", "BF16": "BF16", "F64": "F64"
                         "U8": "U8", "BOOL": "BOOL"}
 
 
+class StateDictSource(WeightSource):
+    """An in-memory {name: tensor} dict seen as a WeightSource (tests, converted checkpoints).
+
+    Tensors already in the requested dtype and device are handed out as they are (no copy).
+    """
+
+    def __init__(self, tensors: dict, label: str = "<state dict>"):
+        self._tensors = dict(tensors)
+        self.path = label
+        self.metadata = {}
+
+    def keys(self):
+        return list(self._tensors)
+
+    def shape(self, name):
+        return tuple(self._tensors[name].shape)
+
+    def storage(self, name):
+        return _TORCH_STORAGE.get(self._tensors[name].dtype, str(self._tensors[name].dtype))
+
+    def _dense(self, name, dtype, device):
+        value = self._tensors[name]
+        return value.to(device=device, dtype=dtype or value.dtype)
+
+
+_TORCH_STORAGE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                  torch.float8_e4m3fn: FP8_STORAGE, torch.float64: "F64"}
+_STORAGE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, FP8_STORAGE: 1, "F8_E5M2": 1,
+                  "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
 class _View(WeightSource):
     def __init__(self, base: WeightSource, fn, label: str):
         self.base, self.path = base, label
@@ -332,4 +374,5 @@ def _open_folder(folder: Path) -> WeightSource:
                          "folder.")
 
 
-__all__ = ["WeightSource", "GGUFSource", "SafetensorsSource", "CombinedSource", "open_weights", "FP8_STORAGE"]
+__all__ = ["WeightSource", "GGUFSource", "SafetensorsSource", "StateDictSource", "CombinedSource", "open_weights",
+           "FP8_STORAGE"]
