@@ -329,18 +329,20 @@ class Ideogram4DiT(nn.Module):
         with_text: bool = True,
         compute_dtype: torch.dtype = torch.float32,
         device="cpu",
+        kernel: str = "auto",
     ) -> "Ideogram4DiT":
         """Build on the meta device, then take every Linear from `weights.linear(prefix, compute_dtype, device)` and
         every other parameter from `weights.tensor(name, compute_dtype, device)`.
 
         `weights` is an `ops` WeightSource (GGUF, safetensors) or `ops.StateDictSource`; quantized tensors
-        stay packed inside the Linear modules it returns.
+        stay packed inside the Linear modules it returns. kernel: the dequant kernel of those ("auto", "triton",
+        "torch"; see `ops.QuantLinear`).
         """
         with torch.device("meta"):
             model = cls(config, with_text)
         for name, module in list(model.named_modules()):
             if type(module) is nn.Linear:
-                _set_submodule(model, name, weights.linear(name, compute_dtype, device))
+                _set_submodule(model, name, weights.linear(name, compute_dtype, device, kernel=kernel))
         for name, param in list(model.named_parameters()):
             if param.is_meta:
                 owner, _, attr = name.rpartition(".")

@@ -86,12 +86,14 @@ def load_dit_branches(
     compute_dtype: torch.dtype | None = None,
     device="cpu",
     config_overrides: dict | None = None,
+    kernel: str = "auto",
 ) -> tuple[Ideogram4DiT, Ideogram4DiT, DiTLoadInfo]:
     """(cond_branch, uncond_branch, info) from one two-branch file/folder, or from a cond file plus `uncond_path`.
 
     compute_dtype: default bf16 on GPUs with fast bf16, fp16 on older GPUs, fp32 on the CPU. Quantized and fp8
     weights stay packed in their Linear layers; load on the CPU and `.to(device)` later moves the packed bytes.
     config_overrides: config fields to force (e.g. `mrope_section` for a non-standard model without metadata).
+    kernel: dequant kernel of the quantized Linears ("auto": fused Triton on CUDA where it has one, else torch).
     """
     device = torch.device(device)
     compute_dtype = compute_dtype or default_compute_dtype(device)
@@ -111,8 +113,9 @@ def load_dit_branches(
             f"{'; '.join(diff)}). Pick the conditional and unconditional files of the same release."
         )
 
-    cond = Ideogram4DiT.from_weights(config, cond_src, with_text=True, compute_dtype=compute_dtype, device=device)
-    uncond = Ideogram4DiT.from_weights(config, uncond_src, with_text=False, compute_dtype=compute_dtype, device=device)
+    build = dict(compute_dtype=compute_dtype, device=device, kernel=kernel)
+    cond = Ideogram4DiT.from_weights(config, cond_src, with_text=True, **build)
+    uncond = Ideogram4DiT.from_weights(config, uncond_src, with_text=False, **build)
     info = DiTLoadInfo(
         layout=branches.layout,
         files=branches.files,

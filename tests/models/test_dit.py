@@ -157,7 +157,7 @@ def test_unconditional_branch_never_reads_text_tensors(reference):
             requested.append(name)
             return super().tensor(name, dtype, device)
 
-        def linear(self, prefix, compute_dtype=torch.float32, device="cpu"):
+        def linear(self, prefix, compute_dtype=torch.float32, device="cpu", kernel="auto"):
             requested.append(prefix)
             return super().linear(prefix, compute_dtype, device)
 
