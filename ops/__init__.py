@@ -1,0 +1,16 @@
+"""The dequant ops module: GGUF container, dequant kernels, stored-form Linear layers, weight sources.
+
+Contract for the model loaders: docs/ARCHITECTURE.md ("The ops contract").
+"""
+
+from .dequant import block_layout, dequantize, packed_shape, supported_qtypes
+from .gguf_file import GGUFFile, GGUFTensor, open_gguf
+from .linear import KERNELS, Fp8Linear, QuantLinear, StoredWeight
+from .weights import FP8_STORAGE, CombinedSource, GGUFSource, SafetensorsSource, WeightSource, open_weights
+
+__all__ = [
+    "open_gguf", "GGUFFile", "GGUFTensor",
+    "dequantize", "block_layout", "packed_shape", "supported_qtypes",
+    "QuantLinear", "Fp8Linear", "StoredWeight", "KERNELS",
+    "WeightSource", "GGUFSource", "SafetensorsSource", "CombinedSource", "open_weights", "FP8_STORAGE",
+]

@@ -8,6 +8,9 @@ import importlib.util
 import pathlib
 import sys
 
+import numpy as np
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Test-only data (the real Qwen tokenizer vocabulary, the official latent constants) lives beside the
@@ -38,3 +41,19 @@ def _import_checkout_as_package():
 
 
 _import_checkout_as_package()
+
+
+@pytest.fixture
+def rng():
+    """A numpy Generator with a fresh seed each run; the seed is printed so a failure can be replayed."""
+    seed = int(np.random.SeedSequence().entropy % (1 << 32))
+    print(f"random seed {seed}")
+    return np.random.default_rng(seed)
+
+
+@pytest.fixture
+def torch_gen(rng):
+    """A torch CPU Generator seeded from `rng`."""
+    import torch
+
+    return torch.Generator().manual_seed(int(rng.integers(1 << 62)))

@@ -1,0 +1,77 @@
+"""Triton kernel definitions for triton_dequant.py (imported only when a kernel is first used)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def f16_at(ptr, mask):
+    # two little-endian bytes -> the f16 they encode -> float32 (exact)
+    bits = tl.load(ptr, mask=mask, other=0).to(tl.int32) | (tl.load(ptr + 1, mask=mask, other=0).to(tl.int32) << 8)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def store(ptr, w, mask, OUT_BF16: tl.constexpr):
+    if OUT_BF16:
+        # Round float32 -> bf16 to nearest even in integer arithmetic: Triton's interpreter truncates in
+        # its float cast, the GPU rounds; doing it by hand makes both paths (and the tests) agree with torch.
+        bits = w.to(tl.int32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(w != w, 0x7FC0, rounded)
+        tl.store(ptr, rounded.to(tl.int16), mask=mask)
+    else:
+        tl.store(ptr, w.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def q4_k(src, dst, n_blocks, BLOCKS: tl.constexpr, OUT_BF16: tl.constexpr):
+    block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)[:, None]
+    i = tl.arange(0, 256)[None, :]
+    mask = block < n_blocks
+    base = src + block * 144
+    d = f16_at(base, mask)
+    dmin = f16_at(base + 2, mask)
+    # 6-bit sub-block scale and min of weight i (sub-block j = i // 32), gguf-and-kernels.md §3.1
+    j = i // 32
+    s_j = tl.load(base + 4 + j, mask=mask, other=0).to(tl.int32)
+    s_j4 = tl.load(base + 8 + j, mask=mask, other=0).to(tl.int32)
+    s_jm4 = tl.load(base + tl.where(j < 4, j, j - 4) + 4, mask=mask, other=0).to(tl.int32)
+    sc = tl.where(j < 4, s_j & 63, (s_j4 & 15) | ((s_jm4 >> 6) << 4))
+    m = tl.where(j < 4, s_j4 & 63, (s_j4 >> 4) | ((s_j >> 6) << 4))
+    # chunk c = i // 64 of 32 bytes: low nibbles are weights 0..31 of it, high nibbles 32..63
+    within = i % 64
+    byte = tl.load(base + 16 + (i // 64) * 32 + within % 32, mask=mask, other=0).to(tl.int32)
+    q = tl.where(within < 32, byte & 15, byte >> 4).to(tl.float32)
+    w = (d * sc.to(tl.float32)) * q - dmin * m.to(tl.float32)
+    store(dst + block * 256 + i, w, mask, OUT_BF16)
+
+
+@triton.jit
+def q6_k(src, dst, n_blocks, BLOCKS: tl.constexpr, OUT_BF16: tl.constexpr):
+    block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)[:, None]
+    i = tl.arange(0, 256)[None, :]
+    mask = block < n_blocks
+    base = src + block * 210
+    d = f16_at(base + 208, mask)
+    half = i // 128
+    r = i % 128
+    low = tl.load(base + half * 64 + r % 64, mask=mask, other=0).to(tl.int32)
+    low = tl.where(r < 64, low & 15, low >> 4)
+    high = tl.load(base + 128 + half * 32 + r % 32, mask=mask, other=0).to(tl.int32)
+    high = (high >> ((r // 32) * 2)) & 3
+    q = ((low | (high << 4)) - 32).to(tl.float32)
+    sc = tl.load(base + 192 + i // 16, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+    w = (d * sc) * q
+    store(dst + block * 256 + i, w, mask, OUT_BF16)
+
+
+@triton.jit
+def q8_0(src, dst, n_blocks, BLOCKS: tl.constexpr, OUT_BF16: tl.constexpr):
+    block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)[:, None]
+    i = tl.arange(0, 32)[None, :]
+    mask = block < n_blocks
+    base = src + block * 34
+    d = f16_at(base, mask)
+    q = tl.load(base + 2 + i, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
+    store(dst + block * 32 + i, q * d, mask, OUT_BF16)

@@ -1,0 +1,334 @@
+"""`WeightSource`: name -> tensor access over GGUF and safetensors files, whatever the storage format.
+
+Model loaders ask a source for dense tensors (`tensor`) or for ready Linear layers (`linear`) and never
+care whether the bytes are GGUF blocks, float8 with a per-row scale, or plain bf16. Name mapping for other
+layouts (prefixes, diffusers names, llama.cpp names) is done with `with_prefix` / `renamed` views, beside
+each model's loader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..errors import ModelFileError
+from .dequant import dequantize
+from .gguf_file import GGUFFile, open_gguf
+from .linear import Fp8Linear, QuantLinear
+
+FP8_STORAGE = "F8_E4M3"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+
+class WeightSource:
+    """Read-only mapping of tensor names to stored tensors."""
+
+    path = ""
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def storage(self, name: str) -> str:
+        """How the tensor is stored: a ggml type name ("Q4_K", "F16", "BF16", "F32", ...) or "F8_E4M3"."""
+        raise NotImplementedError
+
+    def _dense(self, name: str, dtype, device) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _packed(self, name: str):
+        """(qtype, packed uint8 tensor) for a GGUF-quantized tensor, else None."""
+        return None
+
+    def __contains__(self, name: str) -> bool:
+        return name in set(self.keys())
+
+    def describe(self) -> str:
+        return self.path
+
+    def tensor(self, name: str, dtype=None, device="cpu") -> torch.Tensor:
+        """The tensor as a dense torch tensor (dequantized; fp8 weights times their scale)."""
+        self._require(name)
+        if self.storage(name) == FP8_STORAGE:
+            scale = self._fp8_scale(name)
+            if scale is not None:
+                dtype = dtype or torch.float32
+                weight = self._dense(name, None, device).to(dtype)
+                scale = scale.to(device=device, dtype=dtype)
+                return weight * (scale[:, None] if scale.numel() > 1 else scale.reshape(()))
+        return self._dense(name, dtype, device)
+
+    def linear(self, prefix: str, compute_dtype=torch.float32, device="cpu", kernel="auto") -> nn.Module:
+        """A Linear for `prefix.weight` (+ `prefix.bias`): QuantLinear, Fp8Linear or a plain nn.Linear."""
+        name = f"{prefix}.weight"
+        self._require(name)
+        shape = self.shape(name)
+        if len(shape) != 2:
+            raise ModelFileError(f"{self.describe()}: {name} has shape {shape}, expected a 2-D Linear weight.")
+        bias_name = f"{prefix}.bias"
+        bias = self.tensor(bias_name, compute_dtype, device) if bias_name in self._key_set() else None
+        packed = self._packed(name)
+        if packed is not None:
+            qtype, raw = packed
+            return QuantLinear(raw.to(device), qtype, shape[1], shape[0], bias, compute_dtype, kernel)
+        if self.storage(name) == FP8_STORAGE:
+            scale = self._fp8_scale(name)
+            if scale is None:
+                scale = torch.ones(1)
+            return Fp8Linear(self._dense(name, None, device), scale.to(device), bias, compute_dtype)
+        layer = nn.Linear(shape[1], shape[0], bias=bias is not None, device="meta")
+        layer.weight = nn.Parameter(self._dense(name, compute_dtype, device), requires_grad=False)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias, requires_grad=False)
+        return layer
+
+    def with_prefix(self, prefix: str) -> "WeightSource":
+        """View of the tensors whose names start with `prefix`, with the prefix removed."""
+        return _View(self, lambda name: name[len(prefix):] if name.startswith(prefix) else None,
+                     f"{self.describe()} [{prefix}*]")
+
+    def renamed(self, fn: Callable[[str], str | None]) -> "WeightSource":
+        """View with every name mapped through fn (None drops the tensor)."""
+        return _View(self, fn, self.describe())
+
+    def close(self):
+        pass
+
+    def _key_set(self):
+        cached = getattr(self, "_keys_cache", None)
+        if cached is None:
+            cached = self._keys_cache = frozenset(self.keys())
+        return cached
+
+    def _require(self, name: str):
+        if name not in self._key_set():
+            raise ModelFileError(f"{self.describe()}: tensor {name!r} is missing. This file does not hold the "
+                                 "expected model (or is incomplete); check that you picked the right file.")
+
+    def _fp8_scale(self, name: str):
+        # Official Ideogram fp8: `<layer>.weight_scale`, one per output row; ComfyUI "fp8_scaled" files:
+        # `<layer>.scale_weight`, one per tensor.
+        stem = name[: -len(".weight")] if name.endswith(".weight") else name
+        for candidate in (f"{name}_scale", f"{stem}.scale_weight"):
+            if candidate in self._key_set():
+                return self._dense(candidate, torch.float32, "cpu").reshape(-1)
+        return None
+
+
+class GGUFSource(WeightSource):
+    def __init__(self, gguf: GGUFFile):
+        self.gguf = gguf
+        self.path = gguf.path
+        self.metadata = gguf.metadata
+
+    def keys(self):
+        return list(self.gguf.tensors)
+
+    def shape(self, name):
+        return self.gguf.tensors[name].shape
+
+    def storage(self, name):
+        return self.gguf.tensors[name].qtype.name
+
+    def _dense(self, name, dtype, device):
+        t = self.gguf.tensors[name]
+        if not t.is_quantized:
+            return t.raw.to(device=device, dtype=dtype or t.raw.dtype)
+        return dequantize(t.raw.to(device), t.qtype, t.shape, dtype or torch.float32)
+
+    def _packed(self, name):
+        t = self.gguf.tensors[name]
+        return (t.qtype, t.raw) if t.is_quantized else None
+
+    def close(self):
+        self.gguf.close()
+
+
+class SafetensorsSource(WeightSource):
+    """One or more safetensors files (the shards of one checkpoint) seen as one name space."""
+
+    def __init__(self, files: Iterable[str | os.PathLike], label: str | None = None):
+        from safetensors import safe_open
+
+        self.files = [os.fspath(f) for f in files]
+        self.path = label or (self.files[0] if len(self.files) == 1 else os.path.dirname(self.files[0]))
+        self._handles = {}
+        self._where = {}
+        self._dtypes = {}
+        for file in self.files:
+            _require_file(file)
+            try:
+                handle = safe_open(file, framework="pt")
+                names = list(handle.keys())
+            except Exception as exc:
+                raise ModelFileError(f"{file}: not a readable safetensors file ({exc}). Download it again; "
+                                     "if it is a GGUF, pick it with a .gguf name.") from exc
+            self._handles[file] = handle
+            for name in names:
+                if name in self._where:
+                    raise ModelFileError(f"{file}: tensor {name!r} also appears in {self._where[name]}; "
+                                         "these files are not shards of one checkpoint.")
+                self._where[name] = file
+
+    def keys(self):
+        return list(self._where)
+
+    def shape(self, name):
+        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+
+    def storage(self, name):
+        return _SAFETENSORS_STORAGE.get(self._handles[self._where[name]].get_slice(name).get_dtype(), "?")
+
+    def _dense(self, name, dtype, device):
+        tensor = self._handles[self._where[name]].get_tensor(name)
+        return tensor.to(device=device, dtype=dtype or tensor.dtype)
+
+    def close(self):
+        self._handles = {}
+
+
+_SAFETENSORS_STORAGE = {"F32": "F32", "F16": "F16", "BF16": "BF16", "F64": "F64", "F8_E4M3": FP8_STORAGE,
+                        "F8_E5M2": "F8_E5M2", "I64": "I64", "I32": "I32", "I16": "I16", "I8": "I8",
+                        "U8": "U8", "BOOL": "BOOL"}
+
+
+class _View(WeightSource):
+    def __init__(self, base: WeightSource, fn, label: str):
+        self.base, self.path = base, label
+        self._to_base = {}
+        for name in base.keys():
+            mapped = fn(name)
+            if mapped is not None:
+                self._to_base[mapped] = name
+        self.metadata = getattr(base, "metadata", {})
+
+    def keys(self):
+        return list(self._to_base)
+
+    def shape(self, name):
+        return self.base.shape(self._to_base[name])
+
+    def storage(self, name):
+        return self.base.storage(self._to_base[name])
+
+    def _dense(self, name, dtype, device):
+        return self.base._dense(self._to_base[name], dtype, device)
+
+    def _packed(self, name):
+        return self.base._packed(self._to_base[name])
+
+    def close(self):
+        self.base.close()
+
+
+class CombinedSource(WeightSource):
+    """Several sources as one name space (e.g. a checkpoint split over unrelated files)."""
+
+    def __init__(self, sources: list[WeightSource]):
+        self.sources = sources
+        self.path = " + ".join(s.describe() for s in sources)
+        self._owner = {}
+        for source in sources:
+            for name in source.keys():
+                if name in self._owner:
+                    raise ModelFileError(f"tensor {name!r} is in both {self._owner[name].describe()} and "
+                                         f"{source.describe()}; pass only one of them.")
+                self._owner[name] = source
+
+    def keys(self):
+        return list(self._owner)
+
+    def shape(self, name):
+        return self._owner[name].shape(name)
+
+    def storage(self, name):
+        return self._owner[name].storage(name)
+
+    def _dense(self, name, dtype, device):
+        return self._owner[name]._dense(name, dtype, device)
+
+    def _packed(self, name):
+        return self._owner[name]._packed(name)
+
+    def close(self):
+        for source in self.sources:
+            source.close()
+
+
+def _require_file(path: str):
+    if not os.path.exists(path):
+        raise ModelFileError(f"{path}: file not found. Check the path, or download the model first "
+                             "(`python -m ideogram4_gguf download`).")
+
+
+def _sniff(path: str) -> str:
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"GGUF":
+        return "gguf"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    return "unknown"
+
+
+def open_weights(paths) -> WeightSource:
+    """A WeightSource over a .gguf file, a .safetensors file, a sharded `*.safetensors.index.json`, a folder
+    holding one checkpoint, or a list of any of these (combined into one name space)."""
+    if isinstance(paths, (list, tuple)):
+        sources = [open_weights(p) for p in paths]
+        return sources[0] if len(sources) == 1 else CombinedSource(sources)
+    path = os.fspath(paths)
+    _require_file(path)
+    p = Path(path)
+    if p.is_dir():
+        return _open_folder(p)
+    if path.endswith(".index.json"):
+        return _open_index(p)
+    if p.suffix.lower() in PICKLE_SUFFIXES:
+        raise ModelFileError(f"{path}: pickle checkpoints ({p.suffix}) are never loaded (they can run code). "
+                             "Use the .safetensors or .gguf release of this model.")
+    kind = _sniff(path)
+    if kind == "gguf" or (kind == "unknown" and p.suffix.lower() == ".gguf"):
+        return GGUFSource(open_gguf(path))
+    if kind == "safetensors" or p.suffix.lower() == ".safetensors":
+        return SafetensorsSource([path])
+    raise ModelFileError(f"{path}: neither a GGUF nor a safetensors file (unrecognised header). Pick a "
+                         ".gguf or .safetensors model file.")
+
+
+def _open_index(index: Path) -> WeightSource:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelFileError(f"{index}: not a safetensors index (expected a JSON object with a "
+                             f"'weight_map'): {exc}") from exc
+    shards = sorted({str(index.parent / shard) for shard in weight_map.values()})
+    missing = [s for s in shards if not os.path.exists(s)]
+    if missing:
+        raise ModelFileError(f"{index}: {len(missing)} shard(s) missing, e.g. {missing[0]}. Download the whole "
+                             "folder.")
+    return SafetensorsSource(shards, label=str(index.parent))
+
+
+def _open_folder(folder: Path) -> WeightSource:
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        return _open_index(indexes[0])
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return SafetensorsSource(files, label=str(folder))
+    ggufs = sorted(folder.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return GGUFSource(open_gguf(ggufs[0]))
+    raise ModelFileError(f"{folder}: no .safetensors, *.safetensors.index.json or single .gguf file in this "
+                         "folder.")
+
+
+__all__ = ["WeightSource", "GGUFSource", "SafetensorsSource", "CombinedSource", "open_weights", "FP8_STORAGE"]

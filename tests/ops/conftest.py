@@ -1,0 +1,49 @@
+"""Shared fixtures for the ops tests: random *valid* GGUF blocks of every type and a tiny GGUF writer."""
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
+
+# Byte offsets of the f16 scale fields inside one block, per type (gguf-and-kernels.md §3).
+F16_FIELDS = {
+    Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2),
+    Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.IQ4_NL: (0,),
+}
+QUANT_TYPES = list(F16_FIELDS)
+
+
+def random_blocks(qtype, rows, cols, rng):
+    """Random packed data of logical shape (rows, cols): random quant bytes, random finite f16 scales
+    (normal and subnormal, both signs) -- every block valid, none all-zero."""
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    n_blocks = rows * cols // block_size
+    data = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
+    for offset in F16_FIELDS[qtype]:
+        magnitude = np.exp(rng.uniform(np.log(1e-7), np.log(2.0), size=n_blocks))
+        scale = (magnitude * rng.choice([-1.0, 1.0], size=n_blocks)).astype(np.float16)
+        data[:, offset:offset + 2] = scale.view(np.uint8).reshape(n_blocks, 2)
+    return data.reshape(rows, cols // block_size * type_size)
+
+
+def write_gguf(path, tensors, metadata=None, arch="ideogram4"):
+    """Write a GGUF with gguf-py. tensors: name -> float32 array (stored as F32) or (qtype, packed uint8)."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in (metadata or {}).items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        else:
+            writer.add_array(key, value)
+    for name, value in tensors.items():
+        if isinstance(value, tuple):
+            qtype, packed = value
+            writer.add_tensor(name, packed, raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, value)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -1,0 +1,213 @@
+"""The GGUF container: valid files open zero-copy; malformed ones raise GGUFFormatError, fast and small."""
+
+import os
+import struct
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import quants
+
+from ideogram4_gguf.errors import GGUFFormatError
+from ideogram4_gguf.ops import open_gguf
+
+from ..conftest import ROOT
+from .conftest import random_blocks, write_gguf
+
+
+@pytest.fixture
+def valid_file(tmp_path, rng):
+    tensors = {
+        "layers.0.attention.qkv.weight": (Q.Q4_K, random_blocks(Q.Q4_K, 6, 512, rng)),
+        "layers.0.feed_forward.w2.weight": (Q.Q8_0, random_blocks(Q.Q8_0, 4, 64, rng)),
+        "input_proj.weight": (Q.F16, rng.normal(size=(8, 4)).astype(np.float16)),
+        "input_proj.bias": rng.normal(size=(8,)).astype(np.float32),
+        "final_layer.linear.weight": (Q.BF16, quants.quantize(rng.normal(size=(2, 32)).astype(np.float32), Q.BF16)),
+    }
+    path = write_gguf(tmp_path / "model.gguf", tensors, {"ideogram4.num_layers": 1, "note": "tëst",
+                                                         "ideogram4.mrope_section": [24, 20, 20],
+                                                         "tokenizer.ggml.tokens": ["a", "b", "<|im_end|>"]})
+    return path, tensors
+
+
+def test_opens_with_metadata_and_logical_shapes(valid_file):
+    path, tensors = valid_file
+    f = open_gguf(path)
+    assert f.metadata["general.architecture"] == "ideogram4"
+    assert f.metadata["ideogram4.num_layers"] == 1 and f.metadata["note"] == "tëst"
+    assert f.metadata["ideogram4.mrope_section"] == [24, 20, 20]
+    assert f.metadata["tokenizer.ggml.tokens"] == ["a", "b", "<|im_end|>"]
+    assert set(f.tensors) == set(tensors)
+    qkv = f.tensors["layers.0.attention.qkv.weight"]
+    assert qkv.qtype == Q.Q4_K and qkv.shape == (6, 512) and qkv.raw.dtype == torch.uint8
+    assert qkv.raw.shape == (6, 2 * 144) and qkv.is_quantized
+    assert torch.equal(qkv.raw, torch.from_numpy(tensors["layers.0.attention.qkv.weight"][1]))
+    f16 = f.tensors["input_proj.weight"]
+    assert f16.raw.dtype == torch.float16 and f16.shape == (8, 4)
+    assert torch.equal(f16.raw, torch.from_numpy(tensors["input_proj.weight"][1]))
+    bf16 = f.tensors["final_layer.linear.weight"]
+    assert bf16.raw.dtype == torch.bfloat16 and bf16.shape == (2, 32)
+    assert f.tensors["input_proj.bias"].raw.dtype == torch.float32
+
+
+def test_tensors_are_zero_copy_views_of_the_mapping(valid_file):
+    path, _ = valid_file
+    f = open_gguf(path)
+    mapped = f._reader.data
+    lo, hi = mapped.ctypes.data, mapped.ctypes.data + mapped.nbytes
+    for t in f.tensors.values():
+        assert lo <= t.raw.data_ptr() and t.raw.data_ptr() + t.nbytes <= hi, t.name
+
+
+def _corrupt(path, tmp_path, name, edit):
+    data = bytearray(path.read_bytes())
+    edit(data)
+    out = tmp_path / name
+    out.write_bytes(bytes(data))
+    return out
+
+
+def _header_end(path):
+    """Byte offset just past the tensor infos (where padding before the data begins)."""
+    f = open_gguf(path)
+    return min(t.raw.data_ptr() for t in f.tensors.values()) - f._reader.data.ctypes.data
+
+
+MALFORMED = {
+    "not_gguf": lambda d: d.__setitem__(slice(0, 4), b"GGML"),
+    "version": lambda d: d.__setitem__(slice(4, 8), struct.pack("<I", 99)),
+    "big_endian": lambda d: d.__setitem__(slice(4, 8), struct.pack(">I", 3)),
+    "huge_tensor_count": lambda d: d.__setitem__(slice(8, 16), struct.pack("<Q", 1 << 60)),
+    "huge_kv_count": lambda d: d.__setitem__(slice(16, 24), struct.pack("<Q", (1 << 64) - 1)),
+    "huge_key_length": lambda d: d.__setitem__(slice(24, 32), struct.pack("<Q", 1 << 40)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_header(case, valid_file, tmp_path):
+    path, _ = valid_file
+    bad = _corrupt(path, tmp_path, f"{case}.gguf", MALFORMED[case])
+    with pytest.raises(GGUFFormatError, match=str(bad.name)):
+        open_gguf(bad)
+
+
+def _find(data, needle):
+    index = bytes(data).find(needle)
+    assert index > 0
+    return index
+
+
+def test_array_count_beyond_the_file(tmp_path, rng):
+    # gguf-py alone would loop (and grow lists) for 2**62 iterations on this
+    path = write_gguf(tmp_path / "a.gguf", {"w": rng.normal(size=(4,)).astype(np.float32)},
+                      {"big.array": [1.0, 2.0, 3.0]})
+    def edit(d):
+        at = _find(d, b"big.array") + len(b"big.array") + 4 + 4  # key, value type, item type
+        d[at:at + 8] = struct.pack("<Q", 1 << 62)
+    bad = _corrupt(path, tmp_path, "array.gguf", edit)
+    with pytest.raises(GGUFFormatError, match="big.array"):
+        open_gguf(bad)
+
+
+def test_unknown_type_and_bad_shapes(valid_file, tmp_path):
+    path, _ = valid_file
+    name = b"layers.0.attention.qkv.weight"
+
+    def info_at(d):
+        return _find(d, name) + len(name)  # then: n_dims u32, dims u64 x n, type u32, offset u64
+
+    def unknown_type(d):
+        at = info_at(d) + 4 + 16
+        d[at:at + 4] = struct.pack("<I", 77)
+
+    def bad_row(d):
+        at = info_at(d) + 4
+        d[at:at + 8] = struct.pack("<Q", 500)  # 500 values per row: not a multiple of 256
+
+    def outside(d):
+        at = info_at(d) + 4 + 16 + 4
+        d[at:at + 8] = struct.pack("<Q", 1 << 40)
+
+    def too_many_dims(d):
+        at = info_at(d)
+        d[at:at + 4] = struct.pack("<I", 1000)
+
+    for label, edit, message in [
+        ("type", unknown_type, "unknown ggml type id 77"),
+        ("row", bad_row, "not a multiple of its block size 256"),
+        ("outside", outside, "outside the file"),
+        ("dims", too_many_dims, "1000 dimensions"),
+    ]:
+        bad = _corrupt(path, tmp_path, f"{label}.gguf", edit)
+        with pytest.raises(GGUFFormatError, match=message):
+            open_gguf(bad)
+
+
+def test_truncated_anywhere(valid_file, tmp_path):
+    path, _ = valid_file
+    data = path.read_bytes()
+    header_end = _header_end(path)
+    cuts = sorted({0, 3, 10, 23, 40, header_end // 2, header_end - 3, header_end + 5, len(data) - 1})
+    for cut in cuts:
+        bad = tmp_path / f"cut{cut}.gguf"
+        bad.write_bytes(data[:cut])
+        with pytest.raises(GGUFFormatError):
+            open_gguf(bad)
+
+
+def test_other_files(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.ones(3)}, tmp_path / "model.safetensors")
+    with pytest.raises(GGUFFormatError, match="safetensors"):
+        open_gguf(tmp_path / "model.safetensors")
+    with pytest.raises(GGUFFormatError, match="not found"):
+        open_gguf(tmp_path / "missing.gguf")
+    with pytest.raises(GGUFFormatError, match="folder"):
+        open_gguf(tmp_path)
+    assert issubclass(GGUFFormatError, ValueError)
+
+
+def test_opening_a_10_gb_file_reads_almost_nothing(tmp_path):
+    """A sparse 10 GB GGUF (header written, data left as holes): RSS must not grow by more than ~200 MB."""
+    script = textwrap.dedent(f"""
+        import sys, gguf, numpy as np
+        sys.path.insert(0, {str(ROOT.parent)!r})
+        path = sys.argv[1]
+        writer = gguf.GGUFWriter(path, "ideogram4")
+        rows, cols = 4608, 53248  # llm_cond_proj-sized Q4_K tensors, 138 MB each
+        nbytes = rows * cols // 256 * 144
+        for i in range(72):
+            writer.add_tensor_info(f"layers.{{i}}.w.weight", (rows, cols // 256 * 144), np.dtype(np.uint8),
+                                   nbytes, raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+        writer.write_header_to_file(); writer.write_kv_data_to_file(); writer.write_ti_data_to_file()
+        end = writer.fout[0].tell()
+        writer.fout[0].close()
+        size = -(-end // 32) * 32 + 72 * nbytes
+        with open(path, "r+b") as f:
+            f.truncate(size)
+        print(size)
+    """)
+    path = tmp_path / "big.gguf"
+    size = int(subprocess.check_output([sys.executable, "-c", script, str(path)], text=True))
+    assert size > 9.9e9
+    probe = textwrap.dedent(f"""
+        import importlib.util, sys
+        spec = importlib.util.spec_from_file_location("ideogram4_gguf", {str(ROOT / "__init__.py")!r},
+                                                      submodule_search_locations=[{str(ROOT)!r}])
+        mod = importlib.util.module_from_spec(spec); sys.modules["ideogram4_gguf"] = mod; spec.loader.exec_module(mod)
+        from ideogram4_gguf.ops import open_gguf
+        def rss():
+            return int(open("/proc/self/statm").read().split()[1]) * 4096
+        before = rss()
+        f = open_gguf(sys.argv[1])
+        assert len(f.tensors) == 72
+        print(rss() - before)
+    """)
+    grown = int(subprocess.check_output([sys.executable, "-c", probe, str(path)], text=True))
+    assert grown < 200e6, f"RSS grew by {grown / 1e6:.0f} MB"
+    os.remove(path)

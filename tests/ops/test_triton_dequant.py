@@ -1,0 +1,43 @@
+"""The fused Triton kernels, run on the CPU by Triton's interpreter, against gguf-py bit for bit."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import quants
+
+from ideogram4_gguf.ops import triton_dequant
+
+from .conftest import random_blocks
+
+pytest.importorskip("triton", reason="the Triton kernels are tested only where Triton is installed")
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    # TRITON_INTERPRET is read when the kernels are defined, so rebuild them under it (and after the test).
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    triton_dequant._kernels.cache_clear()
+    yield
+    triton_dequant._kernels.cache_clear()
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q8_0], ids=lambda q: q.name)
+def test_kernel_matches_gguf_py(qtype, interpreter, rng):
+    rows, cols = 5, 768  # 15 super-blocks: not a multiple of the 8 blocks a program handles
+    packed = torch.from_numpy(random_blocks(qtype, rows, cols, rng))
+    assert triton_dequant.can_run(packed, qtype)
+    ref = torch.from_numpy(quants.dequantize(packed.numpy(), qtype))
+    fp32 = triton_dequant.dequantize(packed, qtype, (rows, cols), torch.float32)
+    assert torch.equal(fp32.view(torch.int32), ref.view(torch.int32))
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(triton_dequant.dequantize(packed, qtype, (rows, cols), dtype), ref.to(dtype))
+
+
+def test_kernel_selection(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    cpu_packed = torch.zeros(1, 144, dtype=torch.uint8)
+    assert not triton_dequant.can_run(cpu_packed, Q.Q4_K)  # no CUDA here: torch decoder
+    assert not triton_dequant.can_run(cpu_packed, Q.Q5_K)  # no kernel for the type
+    with pytest.warns(UserWarning, match="'triton' requested"):
+        triton_dequant.can_run(torch.zeros(1, 176, dtype=torch.uint8), Q.Q5_K, kernel="triton")
