@@ -15,30 +15,21 @@ full-size figures are the `computed full size` column (the estimate for the real
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
 import subprocess
 import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def import_pack():
-    if "ideogram4_gguf" not in sys.modules:
-        spec = importlib.util.spec_from_file_location(
-            "ideogram4_gguf", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)]
-        )
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["ideogram4_gguf"] = module
-        spec.loader.exec_module(module)
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from bench._pack import import_pack
 
 
 def _status_kib(field):
-    for line in open("/proc/self/status", encoding="ascii"):
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
+    with open("/proc/self/status", encoding="ascii") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
@@ -104,16 +95,16 @@ def main():
     band = 64 << 20  # models/vae.py DEFAULT_BAND_BYTES
     cases = []
     for size in args.sizes:
-        cases += [dict(size=size, band_bytes=b, tile_px=0, head_levels=0) for b in (None, band)]
+        cases += [{"size": size, "band_bytes": b, "tile_px": 0, "head_levels": 0} for b in (None, band)]
         if args.tile_px and size > args.tile_px:
-            cases.append(dict(size=size, band_bytes=band, tile_px=args.tile_px, head_levels=2))
-    print(f"| size | mode | estimate MiB | measured MiB | peak step (estimate) | seconds | computed full size, bf16 |")
+            cases.append({"size": size, "band_bytes": band, "tile_px": args.tile_px, "head_levels": 2})
+    print("| size | mode | estimate MiB | measured MiB | peak step (estimate) | seconds | computed full size, bf16 |")
     print("|---|---|---|---|---|---|---|")
     for case in cases:
         case.update(divisor=args.width_divisor, dtype=args.dtype, threads=args.threads)
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
         result = subprocess.run(
-            [sys.executable, __file__, "--case", json.dumps(case)], capture_output=True, text=True, env=env
+            [sys.executable, __file__, "--case", json.dumps(case)], capture_output=True, text=True, env=env, check=False
         )
         if result.returncode:
             print(result.stderr, file=sys.stderr)

@@ -48,7 +48,7 @@ class LatentNorm:
         return self.shift.numel()
 
     @classmethod
-    def from_batch_norm(cls, batch_norm: "LatentBatchNorm") -> "LatentNorm":
+    def from_batch_norm(cls, batch_norm: LatentBatchNorm) -> LatentNorm:
         """Read a VAE's bn buffers as token-order constants, as diffusers' Ideogram4Pipeline does."""
         return cls(batch_norm.running_mean.float(), batch_norm.std(), f"bn statistics of {batch_norm.source}")
 
@@ -304,5 +304,5 @@ def image_to_comfy(image: torch.Tensor) -> torch.Tensor:
     """Decoder output (B, 3, H, W) in [-1, 1] -> ComfyUI IMAGE (B, H, W, 3) float32 in [0, 1].
 
     Clamps first like the official code (clamp to [-1, 1], then (x + 1) * 127.5 for uint8)."""
-    image = image.float().clamp_(-1.0, 1.0) if image.dtype != torch.float32 else image.clamp(-1.0, 1.0)
+    image = image.to(torch.float32, copy=True).clamp_(-1.0, 1.0)
     return image.add_(1.0).mul_(0.5).permute(0, 2, 3, 1).contiguous()

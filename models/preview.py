@@ -18,9 +18,9 @@ from .latents import (
     as_latent_tokens,
     denormalize_tokens,
     flux2_to_token_order,
+    token_to_flux2_order,
     tokens_to_samples,
     tokens_to_vae_latent,
-    token_to_flux2_order,
 )
 
 # Source: ComfyUI comfy/latent_formats.py, class Flux2 (FLUX.2 VAE channel ch -> R, G, B).

@@ -24,14 +24,15 @@ What keeps it down (numbers in docs/PERF.md):
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 import os
 import pathlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -368,6 +369,7 @@ class Flux2VAEDecoder(nn.Module):
         self.decoder = Decoder(config)
         self.source = "<state dict>"
         self.latent_bn: LatentBatchNorm | None = None
+        self.batch_norm_comparison = None  # set by from_file: the file's bn statistics vs the official constants
 
     # -- construction --------------------------------------------------------------------------------------------
 
@@ -378,7 +380,7 @@ class Flux2VAEDecoder(nn.Module):
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str = "cpu",
         norm_num_groups: int | None = None,
-    ) -> "Flux2VAEDecoder":
+    ) -> Flux2VAEDecoder:
         """Load from a .safetensors file (or a diffusers `vae/` folder / repo folder holding one).
 
         `norm_num_groups` cannot be read from the weights: it comes from this argument, else a diffusers
@@ -399,8 +401,10 @@ class Flux2VAEDecoder(nn.Module):
         device: torch.device | str | None = None,
         norm_num_groups: int = 32,
         source: str = "<state dict>",
-    ) -> "Flux2VAEDecoder":
-        """Build from tensors in diffusers or BFL/ComfyUI naming (optionally prefixed); encoder tensors ignored."""
+    ) -> Flux2VAEDecoder:
+        """Build from tensors in diffusers or BFL/ComfyUI naming (optionally prefixed); encoder tensors ignored.
+
+        Tensors already in the target dtype and device are used as they are (no copy)."""
         decoder_sd, batch_norm = _canonical_decoder_state_dict(state_dict, source)
         config = _infer_config(decoder_sd, norm_num_groups, source)
         with torch.device("meta"):
@@ -409,10 +413,13 @@ class Flux2VAEDecoder(nn.Module):
         missing = sorted(set(expected) - set(decoder_sd))
         unexpected = sorted(set(decoder_sd) - set(expected))
         if missing or unexpected:
+            kind = _KNOWN_VAES.get(config.latent_channels)
+            hint = f" (its {config.latent_channels} latent channels suggest {kind})" if kind and config.latent_channels != 32 else ""
             raise ModelFileError(
-                f"{source} is not a complete FLUX.2 VAE decoder: missing {missing[:5]}{' ...' if len(missing) > 5 else ''}"
-                f", unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}. The file may be truncated or "
-                "a different VAE; use flux2-vae.safetensors (ComfyUI) or the Ideogram 4 vae/ folder"
+                f"{source} is not a complete FLUX.2 VAE decoder{hint}: missing {missing[:5]}"
+                f"{' ...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}. "
+                "The file may be truncated or a different VAE; use flux2-vae.safetensors (ComfyUI) or the Ideogram 4 "
+                "vae/ folder"
             )
         for name, tensor in decoder_sd.items():
             if tuple(tensor.shape) != tuple(expected[name].shape):
@@ -611,7 +618,7 @@ def _decoder_key_map(keys, source: str) -> tuple[dict[str, str], tuple[str, str]
             "Ideogram 4 vae/diffusion_pytorch_model.safetensors"
         )
     names = [k[len(prefix) :] for k in keys if k.startswith(prefix)]
-    bfl = f"decoder.mid.block_1.conv1.weight" in names
+    bfl = "decoder.mid.block_1.conv1.weight" in names
     if not bfl and "decoder.mid_block.resnets.0.conv1.weight" not in names:
         raise ModelFileError(
             f"{source} has a VAE decoder but not the FLUX.2 layout (no decoder.mid_block.* or decoder.mid.* "
@@ -620,9 +627,7 @@ def _decoder_key_map(keys, source: str) -> tuple[dict[str, str], tuple[str, str]
     levels = len({m[1] for n in names if (m := re.match(r"decoder\.up\.(\d+)\.", n))})
     mapping = {}
     for name in names:
-        if name.startswith("encoder.") or name.startswith("quant_conv.") or name.startswith("bn."):
-            continue
-        if not (name.startswith("decoder.") or name.startswith("post_quant_conv.")):
+        if name.startswith(("encoder.", "quant_conv.", "bn.")) or not name.startswith(("decoder.", "post_quant_conv.")):
             continue
         mapping[prefix + name] = _bfl_to_diffusers(name, levels) if bfl else name
     bn_keys = (f"{prefix}bn.running_mean", f"{prefix}bn.running_var")
@@ -730,7 +735,7 @@ def _tile_spans(length: int, tile: int, overlap: int) -> list[tuple[int, int]]:
 
 def _core_fractions(spans: list[tuple[int, int]]) -> list[tuple[float, float]]:
     """Each tile's share of a partition of the axis (cut in the middle of every overlap), as tile fractions."""
-    cuts = [0] + [(previous[1] + following[0]) // 2 for previous, following in zip(spans, spans[1:])]
+    cuts = [0] + [(previous[1] + following[0]) // 2 for previous, following in itertools.pairwise(spans)]
     cuts.append(spans[-1][1])
     return [((cuts[i] - start) / (end - start), (cuts[i + 1] - start) / (end - start)) for i, (start, end) in enumerate(spans)]
 

@@ -9,7 +9,6 @@ import json
 
 import pytest
 import torch
-
 from ideogram4_gguf.errors import LatentFormatError
 from ideogram4_gguf.models import latents as L
 

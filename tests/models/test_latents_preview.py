@@ -7,7 +7,6 @@ Written here element by element, independent of the pack's reshapes."""
 
 import pytest
 import torch
-
 from ideogram4_gguf.errors import LatentFormatError
 from ideogram4_gguf.models import latents as L
 from ideogram4_gguf.models import preview as P

@@ -2,16 +2,16 @@
 diffusers- and BFL/ComfyUI-named files, the full Ideogram 4 decode path vs diffusers' `Ideogram4Pipeline`, and
 the memory machinery (row bands, chunked attention, tiling, planning)."""
 
+import itertools
 import logging
 import types
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from ideogram4_gguf.errors import ModelFileError
 from ideogram4_gguf.models import latents as L
 from ideogram4_gguf.models import vae as V
+from safetensors.torch import save_file
 
 from .vae_reference import tiny_diffusers_vae, to_bfl_state_dict
 
@@ -149,7 +149,7 @@ def test_tiled_decode_close_to_untiled(reference):
 def test_blend_weights_partition_unity():
     spans = V._tile_spans(100, 40, 10)
     assert spans[0][0] == 0 and spans[-1][1] == 100
-    assert all(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+    assert all(b[0] < a[1] for a, b in itertools.pairwise(spans))
     total = torch.zeros(100 * 8)
     for index, (start, end) in enumerate(spans):
         total[start * 8 : end * 8] += V._blend_ramp(spans, index, 8, "cpu")
@@ -253,6 +253,18 @@ def test_flux1_sized_vae_is_refused_with_the_file_name(tmp_path):
     tokens = torch.randn(1, 4, 128)
     with pytest.raises(ModelFileError, match=r"ae.safetensors has 16 latent channels \(a FLUX.1 / SD3 VAE\).*128 channels"):
         V.decode_latents(tokens, vae, grid=(2, 2))
+
+
+def test_flux1_layout_without_post_quant_conv_is_named(tmp_path):
+    # FLUX.1's ae.safetensors: BFL names, 16 latent channels, no post_quant_conv and no bn.
+    flux1_like = tiny_diffusers_vae(seed=4, latent_channels=16)
+    bfl = to_bfl_state_dict(flux1_like.state_dict(), levels=2)
+    bfl = {k: v for k, v in bfl.items() if "post_quant_conv" not in k and not k.startswith("bn.")}
+    path = tmp_path / "ae.safetensors"
+    save_file(bfl, str(path))
+    with pytest.raises(ModelFileError, match=r"ae.safetensors is not a complete FLUX.2 VAE decoder \(its 16 latent "
+                                             r"channels suggest a FLUX.1 / SD3 VAE\).*post_quant_conv"):
+        V.Flux2VAEDecoder.from_file(path, norm_num_groups=8)
 
 
 def test_batch_norm_statistics_report(tmp_path, caplog):

@@ -6,15 +6,15 @@ import re
 import torch
 
 # ideogram4-spec.md §8.2: the tiny FLUX.2 VAE config that diffusers builds on the CPU in milliseconds.
-TINY_CONFIG = dict(
-    block_out_channels=(32, 32),
-    down_block_types=("DownEncoderBlock2D",) * 2,
-    up_block_types=("UpDecoderBlock2D",) * 2,
-    layers_per_block=1,
-    latent_channels=8,
-    norm_num_groups=8,
-    sample_size=32,
-)
+TINY_CONFIG = {
+    "block_out_channels": (32, 32),
+    "down_block_types": ("DownEncoderBlock2D",) * 2,
+    "up_block_types": ("UpDecoderBlock2D",) * 2,
+    "layers_per_block": 1,
+    "latent_channels": 8,
+    "norm_num_groups": 8,
+    "sample_size": 32,
+}
 
 
 def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -69,7 +69,7 @@ def to_bfl_state_dict(state_dict: dict, levels: int, prefix: str = "") -> dict:
     out = {}
     for name, tensor in state_dict.items():
         new = name
-        if name.startswith("decoder.") or name.startswith("post_quant_conv.") or name.startswith("quant_conv."):
+        if name.startswith(("decoder.", "post_quant_conv.", "quant_conv.")):
             for pattern, replacement in _TO_BFL:
                 new = re.sub(pattern, replacement, new)
             new = re.sub(r"decoder\.up_blocks\.(\d+)\.resnets\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.block.", new)
