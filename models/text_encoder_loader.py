@@ -201,7 +201,7 @@ class DenseEmbedding(nn.Module):
 
 def _embedding(view: WeightSource, device, compute_dtype) -> nn.Module:
     name = "embed_tokens.weight"
-    packed = view._packed(name)
+    packed = view.packed(name)
     if packed is not None:
         qtype, raw = packed
         vocab, hidden = view.shape(name)
@@ -314,7 +314,7 @@ def _check_storage(view: WeightSource, where: str) -> None:
     """Reject weight formats `ops` cannot run (e.g. ComfyUI's NVFP4 or int8 files) before building anything."""
     name = "layers.0.self_attn.q_proj.weight"
     storage = view.storage(name)
-    if view._packed(name) is not None or storage in DENSE_STORAGE:
+    if view.packed(name) is not None or storage in DENSE_STORAGE:
         return
     keys = view.keys()
     what = "NVFP4 (e.g. ComfyUI's qwen3vl_8b_nvfp4)" if any(k.endswith("weight_scale_2") for k in keys) \

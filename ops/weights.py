@@ -43,8 +43,9 @@ class WeightSource:
     def _dense(self, name: str, dtype, device) -> torch.Tensor:
         raise NotImplementedError
 
-    def _packed(self, name: str):
-        """(qtype, packed uint8 tensor) for a GGUF-quantized tensor, else None."""
+    def packed(self, name: str):
+        """(qtype, packed uint8 tensor) of a GGUF-quantized tensor (zero-copy), else None: for layers that
+        keep blocks packed themselves, e.g. an embedding table that decodes only the rows it looks up."""
         return None
 
     def __contains__(self, name: str) -> bool:
@@ -74,7 +75,7 @@ class WeightSource:
             raise ModelFileError(f"{self.describe()}: {name} has shape {shape}, expected a 2-D Linear weight.")
         bias_name = f"{prefix}.bias"
         bias = self.tensor(bias_name, compute_dtype, device) if bias_name in self._key_set() else None
-        packed = self._packed(name)
+        packed = self.packed(name)
         if packed is not None:
             qtype, raw = packed
             return QuantLinear(raw.to(device), qtype, shape[1], shape[0], bias, compute_dtype, kernel)
@@ -143,7 +144,7 @@ class GGUFSource(WeightSource):
             return t.raw.to(device=device, dtype=dtype or t.raw.dtype)
         return dequantize(t.raw.to(device), t.qtype, t.shape, dtype or torch.float32)
 
-    def _packed(self, name):
+    def packed(self, name):
         t = self.gguf.tensors[name]
         return (t.qtype, t.raw) if t.is_quantized else None
 
@@ -221,8 +222,8 @@ class _View(WeightSource):
     def _dense(self, name, dtype, device):
         return self.base._dense(self._to_base[name], dtype, device)
 
-    def _packed(self, name):
-        return self.base._packed(self._to_base[name])
+    def packed(self, name):
+        return self.base.packed(self._to_base[name])
 
     def close(self):
         self.base.close()
@@ -254,8 +255,8 @@ class CombinedSource(WeightSource):
     def _dense(self, name, dtype, device):
         return self._owner[name]._dense(name, dtype, device)
 
-    def _packed(self, name):
-        return self._owner[name]._packed(name)
+    def packed(self, name):
+        return self._owner[name].packed(name)
 
     def close(self):
         for source in self.sources:

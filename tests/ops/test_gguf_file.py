@@ -211,3 +211,28 @@ def test_opening_a_10_gb_file_reads_almost_nothing(tmp_path):
     grown = int(subprocess.check_output([sys.executable, "-c", probe, str(path)], text=True))
     assert grown < 200e6, f"RSS grew by {grown / 1e6:.0f} MB"
     os.remove(path)
+
+
+def test_metadata_equals_gguf_py_reader(tmp_path, rng):
+    """The fast array path gives exactly gguf-py's field contents (numbers, strings, empty arrays)."""
+    import gguf
+
+    words = ["".join(chr(int(c)) for c in rng.integers(32, 0x2FF, size=rng.integers(0, 9))) for _ in range(500)]
+    writer = gguf.GGUFWriter(str(tmp_path / "meta.gguf"), "qwen3vl")
+    writer.add_array("tokenizer.ggml.tokens", words)
+    writer.add_array("tokenizer.ggml.token_type", [int(x) for x in rng.integers(1, 6, size=500)])
+    writer.add_array("scores", [float(x) for x in rng.normal(size=7)])
+    writer.add_array("flags", [True, False, True])
+    writer.add_float32("x.scale", 0.5)
+    writer.add_uint64("x.count", 1 << 40)
+    writer.add_string("x.name", "Ünïcode")
+    writer.add_tensor("w", rng.normal(size=(3, 4)).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    ours = open_gguf(tmp_path / "meta.gguf").metadata
+    reference = gguf.GGUFReader(tmp_path / "meta.gguf")
+    expected = {k: f.contents() for k, f in reference.fields.items() if not k.startswith("GGUF.")}
+    assert ours == expected
+    assert ours["tokenizer.ggml.tokens"] == words
