@@ -518,6 +518,8 @@ class Flux2VAEDecoder(nn.Module):
         if group_norm not in ("shared", "tile"):
             raise ValueError(f"group_norm must be 'shared' or 'tile', not {group_norm!r}")
         levels = self.default_head_levels() if head_levels is None else head_levels
+        if not 0 <= levels < len(self.config.block_out_channels):
+            raise ValueError(f"head_levels must be in 0..{len(self.config.block_out_channels) - 1}, not {levels}")
         budget = _Budget(band_bytes, max_score_bytes)
         head = self.decoder.head(self.post_quant_conv(vae_latent.to(self.device, self.dtype)), budget, levels)
         f = self.scale_factor * vae_latent.shape[2] // head.shape[2]  # output pixels per head pixel
