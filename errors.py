@@ -22,3 +22,7 @@ class PromptError(Ideogram4Error, ValueError):
 
 class SamplingError(Ideogram4Error, ValueError):
     """Invalid sampling settings (size, steps, guidance schedule, ...)."""
+
+
+class LatentFormatError(Ideogram4Error, ValueError):
+    """A LATENT or latent tensor has the wrong shape, channel count or layout for the step it was given to."""
