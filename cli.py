@@ -1,25 +1,130 @@
-"""Command line of the pack: `python -m ideogram4_gguf {demo,generate,download}`.
+"""Command line: `python -m ideogram4_gguf {demo,generate,download}` (also the `ideogram4-gguf` script).
 
-Same code path as the ComfyUI nodes. (The subcommands are filled in by the nodes/CLI work; until then
-`demo` prints what it will do.)
+Same code path as the ComfyUI nodes (`pipeline.py`).
 """
 
+from __future__ import annotations
+
 import argparse
+import logging
+import sys
+
+from .errors import Ideogram4Error
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(prog="python -m ideogram4_gguf", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ideogram4_gguf",
+                                     description="Ideogram 4 from a two-branch GGUF: demo, generate, download.")
     sub = parser.add_subparsers(dest="command", required=True)
+
     demo = sub.add_parser("demo", help="run the whole pipeline on tiny random models (CPU, seconds)")
-    demo.add_argument("--out", default="demo.png")
+    demo.add_argument("--out", default="demo.png", help="PNG to write (default demo.png)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--write-models", metavar="DIR",
+                      help="write the tiny model set into DIR in ComfyUI's models/ layout (diffusion_models/, "
+                           "text_encoders/, vae/) instead of the cache, then run on it")
+
+    gen = sub.add_parser("generate", help="text -> image with real (or any) model files")
+    gen.add_argument("prompt", help="a JSON caption (recommended) or plain text; '@file.json' reads a file")
+    gen.add_argument("--dit", required=True, help="two-branch GGUF (or the conditional file of a pair)")
+    gen.add_argument("--uncond", help="the unconditional DiT file when --dit holds one branch")
+    gen.add_argument("--text-encoder", required=True, help="Qwen3-VL text encoder: GGUF, safetensors, folder")
+    gen.add_argument("--tokenizer", help="tokenizer.json or folder (default: from the GGUF / beside the encoder)")
+    gen.add_argument("--vae", required=True, help="FLUX.2 VAE (.safetensors or the base repo's vae/ folder)")
+    gen.add_argument("--width", type=int, default=1024)
+    gen.add_argument("--height", type=int, default=1024)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--batch", type=int, default=1)
+    gen.add_argument("--preset", choices=("quality", "default", "turbo"), default="default")
+    gen.add_argument("--steps", type=int)
+    gen.add_argument("--guidance", type=float)
+    gen.add_argument("--polish-steps", type=int)
+    gen.add_argument("--polish-guidance", type=float)
+    gen.add_argument("--mu", type=float)
+    gen.add_argument("--std", type=float)
+    gen.add_argument("--terminal", choices=("official", "one"))
+    gen.add_argument("--dtype", choices=("auto", "bf16", "fp16", "fp32"), default="auto")
+    gen.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda when present)")
+    gen.add_argument("--kernel", choices=("auto", "triton", "torch"), default="auto")
+    gen.add_argument("--tiled", choices=("auto", "on", "off"), default="auto", help="tiled VAE decode")
+    gen.add_argument("--strict-prompt", action="store_true", help="refuse prompts that are not valid captions")
+    gen.add_argument("--truncate", action="store_true", help="cut prompts longer than 2048 tokens")
+    gen.add_argument("--out", default="ideogram4.png")
+
+    dl = sub.add_parser("download", help="download the model files into ComfyUI's models/ folder")
+    dl.add_argument("--models-dir", required=True, help="ComfyUI's models folder")
+    dl.add_argument("--skip-dit", action="store_true", help="only the text encoder, tokenizer and VAE")
+    dl.add_argument("--skip-base", action="store_true", help="only the Q4_K DiT")
+    dl.add_argument("--yes", action="store_true", help="do not ask before downloading")
     return parser
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        print(
-            "demo: will build a tiny random-weight Ideogram 4 model set (two-branch Q4_K GGUF, Qwen3-VL text "
-            f"encoder, FLUX.2 VAE) and run text -> image on the CPU, writing {args.out}. Not built yet."
-        )
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, models_dir=args.write_models, seed=args.seed)
     return 0
+
+
+def _read_prompt(text: str) -> str:
+    if text.startswith("@"):
+        with open(text[1:], encoding="utf-8") as f:
+            return f.read()
+    return text
+
+
+def _generate(args) -> int:
+    from tqdm import tqdm
+
+    from . import pipeline
+
+    device = pipeline.resolve_device(args.device)
+    print(f"loading the DiT from {args.dit} ...", file=sys.stderr)
+    model = pipeline.load_model(args.dit, args.uncond, compute_dtype=args.dtype, kernel=args.kernel, device=device)
+    print(model.summary(), file=sys.stderr)
+    print(f"encoding the prompt with {args.text_encoder} ...", file=sys.stderr)
+    conditioning = pipeline.encode_prompt(args.text_encoder, _read_prompt(args.prompt),
+                                          tokenizer_source=args.tokenizer, compute_dtype=args.dtype, device=device,
+                                          strict=args.strict_prompt, truncate=args.truncate,
+                                          expected_feature_dim=model.cond_branch.config.llm_features_dim)
+    overrides = dict(steps=args.steps, guidance=args.guidance, polish_steps=args.polish_steps,
+                     polish_guidance=args.polish_guidance, mu=args.mu, std=args.std, terminal=args.terminal)
+    with tqdm(desc="sampling", unit="step", file=sys.stderr) as bar:
+        def progress(step, total, x0):
+            bar.total = total
+            bar.update(step - bar.n)
+
+        latent = pipeline.sample_latents(model, conditioning, width=args.width, height=args.height, seed=args.seed,
+                                         batch_size=args.batch, preset=args.preset, callback=progress, **overrides)
+    model.offload()
+    vae = pipeline.load_vae(args.vae, device=device)
+    image = pipeline.decode(vae, latent, tiled=args.tiled)
+    for path in pipeline.save_png(image, args.out):
+        print(path)
+    return 0
+
+
+def _download(args) -> int:
+    from .download import download, node_inputs
+
+    download(args.models_dir, include_dit=not args.skip_dit, include_base=not args.skip_base, yes=args.yes)
+    print("\nIn ComfyUI pick:")
+    for node, name in node_inputs(args.models_dir).items():
+        print(f"  {node}: {name}")
+    return 0
+
+
+COMMANDS = {"demo": _demo, "generate": _generate, "download": _download}
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (Ideogram4Error, OSError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

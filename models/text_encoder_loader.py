@@ -73,6 +73,18 @@ _WRONG_FILES = (
 )
 
 
+def llama_cpp_name(name: str) -> str:
+    """transformers text-model name -> llama.cpp GGUF name (the inverse of the table above)."""
+    for gguf_name, ours in GGUF_GLOBAL_NAMES.items():
+        if name == ours:
+            return gguf_name
+    layer, _, rest = name.removeprefix("layers.").partition(".")
+    for gguf_block, ours in GGUF_BLOCK_NAMES.items():
+        if rest == f"{ours}.weight":
+            return f"blk.{layer}.{gguf_block}.weight"
+    raise KeyError(f"{name!r} has no llama.cpp name")
+
+
 def _from_llama_cpp(name: str) -> str | None:
     if name in GGUF_GLOBAL_NAMES:
         return GGUF_GLOBAL_NAMES[name]

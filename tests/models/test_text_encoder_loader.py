@@ -18,7 +18,7 @@ from gguf import GGMLQuantizationType as Q
 from ideogram4_gguf.errors import ModelFileError
 from ideogram4_gguf.models.text_encoder import Qwen3TextConfig, Qwen3TextEncoder, unload_text_encoder
 from ideogram4_gguf.models.text_encoder_loader import (
-    GGUF_BLOCK_NAMES,
+    llama_cpp_name,
     QuantizedEmbedding,
     load_lm_head,
     load_text_encoder,
@@ -92,13 +92,7 @@ def ggml_quantize(w: np.ndarray, qtype) -> np.ndarray:
     return out
 
 
-def to_llama_cpp(name):
-    inverse = {v: k for k, v in GGUF_BLOCK_NAMES.items()}
-    if name.startswith("layers."):
-        _, i, rest = name.split(".", 2)
-        return f"blk.{i}.{inverse[rest[: -len('.weight')]]}.weight"
-    return {"embed_tokens.weight": "token_embd.weight", "norm.weight": "output_norm.weight",
-            "lm_head.weight": "output.weight"}[name]
+to_llama_cpp = llama_cpp_name
 
 
 def write_gguf(path, tensors, arch="qwen3vl", theta=5e6, tokens=None):

@@ -1,0 +1,244 @@
+"""Load -> encode -> sample -> decode: the one code path the ComfyUI nodes and the command line share.
+
+Nothing here imports ComfyUI. What ComfyUI offers (a device, free memory, progress, interruption) arrives as
+plain arguments and callbacks; `nodes/comfy_adapter.py` supplies them inside ComfyUI.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import ModelFileError, PromptError
+from .models.dit import default_compute_dtype
+from .models.dit_loader import DiTLoadInfo, load_dit_branches
+from .models.latents import LatentNorm, tokens_to_latent_dict
+from .models.text_encoder import unload_text_encoder
+from .models.text_encoder_loader import load_text_encoder
+from .models.tokenizer import MAX_PROMPT_TOKENS, encode_prompt_ids, load_qwen_tokenizer, tokenizer_from_gguf_metadata
+from .models.vae import Flux2VAEDecoder, decode_latents
+from .prompts.caption import prepare_prompt
+from .sampler.flow import sample, token_grid
+from .sampler.presets import sampler_settings
+
+logger = logging.getLogger(__name__)
+
+COMPUTE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+ProgressCallback = Callable[[int, int, torch.Tensor], None]
+
+
+def resolve_device(device=None) -> torch.device:
+    """The device to compute on: the one given, else CUDA when present, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype, device) -> torch.dtype:
+    """"auto" | "bf16" | "fp16" | "fp32" | a torch dtype -> the torch dtype ("auto": bf16 on GPUs with fast bf16,
+    fp16 on older GPUs, fp32 on the CPU)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"compute dtype must be one of {sorted(COMPUTE_DTYPES)}, got {dtype!r}")
+    return COMPUTE_DTYPES[dtype] or default_compute_dtype(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The DiT pair
+
+
+@dataclass
+class Ideogram4Model:
+    """Both DiT branches, loaded packed on the CPU (memory-mapped GGUF), and where they run.
+
+    The branches move to `device` when sampling starts (`place()`), following `memory_mode`.
+    """
+
+    cond_branch: torch.nn.Module
+    uncond_branch: torch.nn.Module
+    info: DiTLoadInfo
+    device: torch.device
+    memory_mode: str = "auto"
+
+    def place(self) -> None:
+        """Put the branches where sampling needs them (idempotent)."""
+        for branch in (self.cond_branch, self.uncond_branch):
+            if branch.device != self.device:
+                branch.to(self.device)
+
+    def offload(self) -> None:
+        """Move the branches back to the CPU (frees device memory; packed weights stay packed)."""
+        for branch in (self.cond_branch, self.uncond_branch):
+            branch.to("cpu")
+
+    def summary(self) -> str:
+        return f"{self.info.summary()}; runs on {self.device}, memory mode {self.memory_mode}"
+
+
+def load_model(path, uncond_path=None, *, compute_dtype="auto", kernel="auto", memory_mode="auto",
+               device=None) -> Ideogram4Model:
+    """Load both DiT branches from a two-branch file (or a cond file + `uncond_path`); see docs/dit.md."""
+    device = resolve_device(device)
+    dtype = resolve_dtype(compute_dtype, device)
+    cond, uncond, info = load_dit_branches(path, uncond_path, compute_dtype=dtype, device="cpu", kernel=kernel)
+    model = Ideogram4Model(cond, uncond, info, device, memory_mode)
+    logger.info("Ideogram 4 DiT: %s", model.summary())
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text
+
+
+@dataclass
+class TextConditioning:
+    """What the text encoder hands to the sampler: the interleaved taps of one prompt, on the CPU.
+
+    The DiT projects them (llm_cond_norm + llm_cond_proj) once per image when sampling starts.
+    """
+
+    text_taps: torch.Tensor  # (tokens, 13 * hidden) float32
+    prompt: str  # the exact text encoded (a canonical minified caption, or the plain prompt)
+    token_count: int  # template included
+    warnings: list[str] = field(default_factory=list)
+    encoder_file: str = ""
+
+
+def tokenizer_search_dirs(text_encoder_path) -> list[Path]:
+    """Where a tokenizer may sit beside a text-encoder file: its folder, and the release layout's sibling
+    `tokenizer/` folder (`<repo>/text_encoder/model.safetensors` + `<repo>/tokenizer/`)."""
+    path = Path(text_encoder_path)
+    folder = path if path.is_dir() else path.parent
+    return [folder, folder / "tokenizer", folder.parent / "tokenizer", folder.parent]
+
+
+def load_tokenizer(text_encoder_path=None, tokenizer_source=None, encoder=None, extra_search_dirs=()):
+    """The Qwen tokenizer for a text encoder: an explicit `tokenizer_source`, else the vocabulary inside the
+    encoder's GGUF, else one found beside the encoder file, else one in `extra_search_dirs` (ComfyUI passes
+    its own `qwen25_tokenizer` folder)."""
+    if tokenizer_source:
+        return load_qwen_tokenizer(tokenizer_source)
+    metadata = getattr(encoder, "tokenizer_metadata", None)
+    if metadata and "tokenizer.ggml.tokens" in metadata:
+        return tokenizer_from_gguf_metadata(metadata, str(text_encoder_path))
+    search = (tokenizer_search_dirs(text_encoder_path) if text_encoder_path else []) + [Path(d) for d in extra_search_dirs]
+    return load_qwen_tokenizer(None, search_dirs=[d for d in search if d.is_dir()])
+
+
+def resolve_text_encoder_path(path) -> Path:
+    """A picked shard of a sharded checkpoint stands for the whole checkpoint (its `*.index.json`)."""
+    path = Path(path)
+    if path.is_file() and "-of-" in path.name:
+        indexes = sorted(path.parent.glob("*.safetensors.index.json"))
+        if indexes:
+            return indexes[0]
+    return path
+
+
+def load_encoder(path, *, compute_dtype="auto", device=None, embed_device="auto", kernel="auto",
+                 expected_feature_dim: int | None = None):
+    """Load the Qwen3-VL text encoder (GGUF, fp8 or bf16 safetensors, ComfyUI single file); docs/text_encoder.md.
+
+    expected_feature_dim: the DiT's text feature width when known (53248 for the published model), to refuse a
+    wrong encoder (e.g. Qwen3-VL-4B) before encoding; the sampler checks it again in any case."""
+    device = resolve_device(device)
+    dtype = resolve_dtype(compute_dtype, device)
+    return load_text_encoder(resolve_text_encoder_path(path), compute_dtype=dtype, device=device,
+                             embed_device=embed_device, expected_feature_dim=expected_feature_dim, kernel=kernel)
+
+
+def encode_text(encoder, tokenizer, prompt: str, *, strict: bool = False, truncate: bool = False,
+                max_tokens: int = MAX_PROMPT_TOKENS) -> TextConditioning:
+    """Prompt -> TextConditioning. JSON captions are validated and re-minified in canonical order; plain text is
+    accepted with a warning (JSON captions give better images)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise PromptError("The prompt is empty. Write a description, ideally a JSON caption (see the Ideogram4 "
+                          "JSON Prompt node).")
+    text, warnings = prepare_prompt(prompt, strict=strict)
+    for warning in warnings:
+        logger.warning("prompt: %s", warning)
+    ids = encode_prompt_ids(tokenizer, text, max_tokens=max_tokens, truncate=truncate)
+    taps = encoder(ids)
+    return TextConditioning(taps.float().cpu(), text, len(ids), list(warnings),
+                            str(getattr(encoder, "source_path", "")))
+
+
+def encode_prompt(text_encoder_path, prompt: str, *, tokenizer_source=None, extra_search_dirs=(),
+                  compute_dtype="auto", device=None, strict=False, truncate=False,
+                  expected_feature_dim: int | None = None) -> TextConditioning:
+    """Load the encoder, encode one prompt, free the encoder."""
+    encoder = load_encoder(text_encoder_path, compute_dtype=compute_dtype, device=device,
+                           expected_feature_dim=expected_feature_dim)
+    try:
+        tokenizer = load_tokenizer(text_encoder_path, tokenizer_source, encoder, extra_search_dirs)
+        return encode_text(encoder, tokenizer, prompt, strict=strict, truncate=truncate)
+    finally:
+        unload_text_encoder(encoder)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def sample_latents(model: Ideogram4Model, conditioning: TextConditioning, *, width: int, height: int, seed: int = 0,
+                   batch_size: int = 1, preset: str = "default", callback: ProgressCallback | None = None,
+                   **overrides) -> dict:
+    """Sample one prompt -> our LATENT dict (docs/vae.md): `{"samples": (B, 128, H/16, W/16), "ideogram4_latent": 1}`.
+
+    overrides: any `SamplerSettings` field (steps, guidance, polish_steps, polish_guidance, mu, std, terminal,
+    guidance_schedule, round_t); None keeps the preset's value. callback(step, total, x0_tokens) after each step;
+    an exception it raises stops sampling (interruption).
+    """
+    settings = sampler_settings(preset, **overrides)
+    grid = token_grid(width, height)
+    features = conditioning.text_taps
+    expected = model.cond_branch.config.llm_features_dim
+    if features.shape[-1] != expected:
+        raise ModelFileError(
+            f"The text features are {features.shape[-1]} wide but this DiT expects {expected}: the text encoder "
+            f"({conditioning.encoder_file or 'unknown file'}) does not belong to this Ideogram 4 model."
+        )
+    model.place()
+    projected = model.cond_branch.project_text(features.to(model.device))
+    tokens = sample(model.cond_branch, model.uncond_branch, projected, width, height, seed=int(seed),
+                    batch_size=batch_size, settings=settings, callback=callback)
+    return tokens_to_latent_dict(tokens.cpu(), *grid)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Decoding
+
+
+def load_vae(path, *, dtype="auto", device=None) -> Flux2VAEDecoder:
+    """The FLUX.2 VAE decoder from a diffusers `vae/` file/folder or a BFL/ComfyUI `flux2-vae.safetensors`."""
+    device = resolve_device(device)
+    if dtype == "auto":
+        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return Flux2VAEDecoder.from_file(path, dtype=resolve_dtype(dtype, device), device=device)
+
+
+def decode(vae: Flux2VAEDecoder, latent: dict, *, tiled: str = "auto", free_memory_bytes: int | None = None,
+           norm: LatentNorm | None = None, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+    """Our LATENT -> ComfyUI IMAGE (B, H, W, 3) float32 in [0, 1]."""
+    return decode_latents(latent, vae, tiled=tiled, free_memory_bytes=free_memory_bytes, norm=norm,
+                          progress=progress)
+
+
+def save_png(image: torch.Tensor, path) -> list[str]:
+    """Write a ComfyUI IMAGE batch as PNG files (`name.png`, or `name_1.png`, ... for a batch)."""
+    from PIL import Image
+
+    path = Path(path)
+    images = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    written = []
+    for index, array in enumerate(images):
+        target = path if len(images) == 1 else path.with_name(f"{path.stem}_{index + 1}{path.suffix}")
+        Image.fromarray(array).save(target)
+        written.append(os.fspath(target))
+    return written
