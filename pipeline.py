@@ -28,6 +28,7 @@ from .sampler.presets import sampler_settings
 
 logger = logging.getLogger(__name__)
 
+MEMORY_MODES = ("auto", "gpu", "stream_uncond", "cpu_offload")
 COMPUTE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ProgressCallback = Callable[[int, int, torch.Tensor], None]
 
@@ -53,7 +54,7 @@ def resolve_dtype(dtype, device) -> torch.dtype:
 # The DiT pair
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: hashable, so caches can hold it weakly
 class Ideogram4Model:
     """Both DiT branches, loaded packed on the CPU (memory-mapped GGUF), and where they run.
 
@@ -79,6 +80,9 @@ class Ideogram4Model:
 
     def summary(self) -> str:
         return f"{self.info.summary()}; runs on {self.device}, memory mode {self.memory_mode}"
+
+    def __repr__(self):  # ComfyUI shows node inputs in error reports: one line, not two module trees
+        return f"Ideogram4Model({self.summary()})"
 
 
 def load_model(path, uncond_path=None, *, compute_dtype="auto", kernel="auto", memory_mode="auto",
@@ -108,6 +112,10 @@ class TextConditioning:
     token_count: int  # template included
     warnings: list[str] = field(default_factory=list)
     encoder_file: str = ""
+
+    def __repr__(self):
+        return (f"TextConditioning({self.token_count} tokens, taps {tuple(self.text_taps.shape)}, "
+                f"prompt {self.prompt[:60]!r}{'...' if len(self.prompt) > 60 else ''})")
 
 
 def tokenizer_search_dirs(text_encoder_path) -> list[Path]:

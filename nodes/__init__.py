@@ -1,11 +1,23 @@
-"""ComfyUI nodes (V3 API). Thin: they wire the lower layers to ComfyUI and hold no model math.
+"""ComfyUI nodes (V3 API). Thin: they wire `pipeline` to ComfyUI and hold no model math.
 
 Imported only by ComfyUI (through the pack's `comfy_entrypoint`), never by the lower layers.
 """
 
 from comfy_api.latest import ComfyExtension
 
+from . import comfy_adapter
+from .decode import IG4VAEDecode
+from .encode import IG4TextEncode
+from .json_prompt import IG4JsonPrompt
+from .loader import IG4ModelLoader
+from .sampler import IG4Sampler
+
+NODES = [IG4ModelLoader, IG4TextEncode, IG4Sampler, IG4VAEDecode, IG4JsonPrompt]
+
 
 class Ideogram4Extension(ComfyExtension):
+    async def on_load(self):
+        comfy_adapter.register_model_folders()
+
     async def get_node_list(self):
-        return []
+        return list(NODES)

@@ -485,3 +485,64 @@ def repair_caption(caption, fallback_background: str = "a simple background") ->
         if key not in TOP_KEYS:
             fixes.append(f'dropped unknown key "{key}"')
     return canonicalize(out), fixes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Text forms used by the ComfyUI JSON Prompt node
+
+
+def parse_palette(text: str) -> list[str] | None:
+    """"#ff0000, #00FF00" -> ["#FF0000", "#00FF00"]; empty -> None (validation reports malformed colours)."""
+    colours = [part.strip().upper() for part in (text or "").replace(";", ",").split(",") if part.strip()]
+    return colours or None
+
+
+def parse_elements(text: str) -> list[dict]:
+    """Elements from a JSON list, or one element per line as `type | fields`:
+
+        text | HELLO | bold black letters | 380,200,620,800 | #000000,#FFFFFF
+        obj  | a red cube on a table | 500,100,900,600
+
+    A text element takes the literal text then its description; an obj element its description. Then, both
+    optional: the bbox `y_min,x_min,y_max,x_max` on the 0..1000 grid, and a palette of #RRGGBB colours.
+    """
+    text = (text or "").strip()
+    if not text:
+        return []
+    if text.startswith("["):
+        try:
+            elements = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PromptError(f"elements: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}).") from exc
+        if not isinstance(elements, list):
+            raise PromptError("elements: a JSON value must be a list of element objects.")
+        return elements
+    elements = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        fields = [f.strip() for f in line.split("|")]
+        kind = fields[0].lower()
+        if kind not in ("obj", "text"):
+            raise PromptError(f"elements line {number}: starts with {fields[0]!r}; write 'obj | description | ...' "
+                              "or 'text | literal text | description | ...'.")
+        needed = 3 if kind == "text" else 2
+        if len(fields) < needed:
+            raise PromptError(f"elements line {number}: a {kind} element needs "
+                              f"{'the text and a description' if kind == 'text' else 'a description'}.")
+        rest = fields[needed:]
+        bbox = palette = None
+        for extra in rest:
+            if extra.startswith("#"):
+                palette = parse_palette(extra)
+            elif extra:
+                try:
+                    bbox = [int(round(float(v))) for v in extra.replace(" ", "").split(",")]
+                except ValueError:
+                    raise PromptError(f"elements line {number}: {extra!r} is neither a bbox "
+                                      "(y_min,x_min,y_max,x_max) nor a palette (#RRGGBB,...).") from None
+        if kind == "text":
+            elements.append(text_element(fields[1].replace("\\n", "\n"), fields[2], bbox, palette))
+        else:
+            elements.append(obj_element(fields[1], bbox, palette))
+    return elements

@@ -1,0 +1,222 @@
+"""The one place that talks to ComfyUI's runtime: model folders, devices, memory, progress, previews, interruption.
+
+The nodes call these functions; the layers below get plain values and callbacks. Every ComfyUI module is imported
+inside the function that needs it, so the node modules import without ComfyUI (their unit tests run without it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelFileError
+
+logger = logging.getLogger(__name__)
+
+# Our own folder keys: they share ComfyUI's path lists (so extra_model_paths.yaml and --base-directory apply)
+# but have their own extension sets. Widening core's shared `supported_pt_extensions` would put .gguf files in
+# every core loader's list.
+DIT_FOLDER = "ideogram4_dit"  # models/diffusion_models + models/unet: .gguf and .safetensors
+TEXT_ENCODER_FOLDER = "ideogram4_text_encoder"  # models/text_encoders + models/clip: .gguf and .safetensors
+VAE_FOLDER = "vae"
+_OWN_FOLDERS = {DIT_FOLDER: ("diffusion_models", {".gguf", ".safetensors", ".sft"}),
+                TEXT_ENCODER_FOLDER: ("text_encoders", {".gguf", ".safetensors", ".sft"})}
+NONE_CHOICE = "(none)"
+
+
+def register_model_folders() -> None:
+    import folder_paths
+
+    for key, (base, extensions) in _OWN_FOLDERS.items():
+        paths = folder_paths.folder_names_and_paths[base][0]  # the same list object: later additions show up
+        folder_paths.folder_names_and_paths[key] = (paths, set(extensions))
+        folder_paths.filename_list_cache.pop(key, None)
+
+
+def model_files(key: str) -> list[str]:
+    """File names (relative to the model folders) for a dropdown; empty when ComfyUI is absent."""
+    try:
+        import folder_paths
+    except ImportError:
+        return []
+    if key in _OWN_FOLDERS and key not in folder_paths.folder_names_and_paths:
+        register_model_folders()
+    return folder_paths.get_filename_list(key)
+
+
+def model_path(key: str, name: str) -> str:
+    """The full path of a dropdown choice, or a ModelFileError that says where to put the file."""
+    if not name or name == NONE_CHOICE:
+        raise ModelFileError(f"No file picked for {key}.")
+    try:
+        import folder_paths
+    except ImportError:  # outside ComfyUI (tests, scripts): a plain path is accepted
+        if os.path.exists(name):
+            return name
+        raise ModelFileError(f"{name}: file not found.") from None
+    path = folder_paths.get_full_path(key, name)
+    if path is None:
+        base = _OWN_FOLDERS.get(key, (key,))[0]
+        folders = ", ".join(folder_paths.get_folder_paths(key)) if key in folder_paths.folder_names_and_paths else base
+        raise ModelFileError(f"'{name}' was not found in the {base} folders ({folders}). Put the file there (or "
+                             "run `python -m ideogram4_gguf download --models-dir <ComfyUI>/models`) and refresh.")
+    return path
+
+
+def comfy_tokenizer_dirs() -> list[Path]:
+    """ComfyUI's own Qwen tokenizer files (comfy/text_encoders/qwen25_tokenizer), when ComfyUI is present."""
+    try:
+        import comfy
+    except ImportError:
+        return []
+    # `comfy` may be a namespace package (no __file__): search every folder it spans.
+    folders = [Path(p) / "text_encoders" / "qwen25_tokenizer" for p in getattr(comfy, "__path__", [])]
+    return [f for f in folders if f.is_dir()]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Devices and memory
+
+
+def torch_device() -> torch.device:
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return mm.get_torch_device()
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return None
+    return int(mm.get_free_memory(device))
+
+
+def make_room(bytes_needed: int, device: torch.device) -> None:
+    """Ask ComfyUI to unload its other models until `bytes_needed` are free on `device`."""
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return
+    if device.type != "cpu":
+        mm.free_memory(int(bytes_needed), device)
+
+
+class _Holder(torch.nn.Module):
+    """Our modules under one parent for ComfyUI's ModelPatcher, which tags the module it holds with bookkeeping
+    attributes, `device` among them (a read-only property on the DiT and the text encoder)."""
+
+    def __init__(self, **modules):
+        super().__init__()
+        for name, module in modules.items():
+            self.add_module(name, module)
+
+
+_patchers = weakref.WeakKeyDictionary()
+
+
+def load_for_sampling(model, activation_bytes: int) -> None:
+    """Make ComfyUI account for our DiT (so it can evict it, and evicts others for it), then place it.
+
+    The branches are wrapped in a ComfyUI ModelPatcher once per model; `load_models_gpu` frees memory for the
+    packed weights plus the activations; ComfyUI's "unload models" later moves them back to the CPU.
+    """
+    try:
+        import comfy.model_management as mm
+        import comfy.model_patcher
+    except ImportError:
+        model.place()
+        return
+    patcher = _patchers.get(model)
+    if patcher is None:
+        container = _Holder(cond=model.cond_branch, uncond=model.uncond_branch)
+        patcher = comfy.model_patcher.ModelPatcher(container, load_device=model.device,
+                                                   offload_device=mm.unet_offload_device())
+        _patchers[model] = patcher
+    mm.load_models_gpu([patcher], memory_required=int(activation_bytes), force_full_load=True)
+    # ModelPatcher moves modules that own parameters; a packed layer without bias owns only buffers, so finish
+    # the move ourselves (idempotent, cheap when everything is already there).
+    model.place()
+
+
+def keep_loaded(module: torch.nn.Module, device: torch.device, on_unload) -> None:
+    """Register a module we keep between runs (a text encoder asked to stay loaded) with ComfyUI's memory
+    manager, so "Unload models" / "Free memory" / eviction release it: `on_unload()` runs when ComfyUI detaches
+    it. Outside ComfyUI nothing is registered (the caller's cache just keeps it)."""
+    try:
+        import comfy.model_management as mm
+        import comfy.model_patcher
+        from comfy.patcher_extension import CallbacksMP
+    except ImportError:
+        return
+    patcher = comfy.model_patcher.ModelPatcher(_Holder(inner=module), load_device=device,
+                                               offload_device=mm.unet_offload_device())
+    patcher.add_callback(CallbacksMP.ON_DETACH, lambda _patcher, _unpatch_all: on_unload())
+    mm.load_models_gpu([patcher], force_full_load=True)
+
+
+def throw_if_interrupted() -> None:
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return
+    mm.throw_exception_if_processing_interrupted()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Progress and previews
+
+
+class SamplingProgress:
+    """ComfyUI progress bar + live previews + interruption, as the sampler's `callback(step, total, x0)`."""
+
+    def __init__(self, total: int, node_id=None, grid=None):
+        self.grid = grid
+        self.bar = None
+        self.preview_method = None
+        try:
+            import comfy.utils
+            from comfy.cli_args import LatentPreviewMethod, args
+        except ImportError:
+            return
+        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        method = args.preview_method
+        if method != LatentPreviewMethod.NoPreviews:
+            self.preview_method = method
+            self.preview_size = args.preview_size
+
+    def __call__(self, step: int, total: int, x0: torch.Tensor) -> None:
+        throw_if_interrupted()
+        if self.bar is not None:
+            self.bar.update_absolute(step, total, self._preview(x0))
+
+    def _preview(self, x0):
+        if self.preview_method is None or self.grid is None:
+            return None
+        from PIL import Image
+
+        from ..models.preview import latent_preview_rgb, preview_to_uint8
+
+        rgb = latent_preview_rgb(x0[:1].float().cpu(), grid=self.grid)
+        return ("JPEG", Image.fromarray(preview_to_uint8(rgb)[0].numpy()), self.preview_size)
+
+
+def node_progress(node_id):
+    """A (done, total) callback driving a ComfyUI progress bar (VAE tiles, say); no-op outside ComfyUI."""
+    try:
+        import comfy.utils
+    except ImportError:
+        return None
+    bar = comfy.utils.ProgressBar(1, node_id=node_id)
+
+    def report(done, total):
+        throw_if_interrupted()
+        bar.update_absolute(done, total)
+
+    return report

@@ -1,0 +1,68 @@
+"""VAE Decode (Ideogram4): our LATENT (or a core FLUX.2 one) -> IMAGE with the FLUX.2 VAE decoder."""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+from comfy_api.latest import io
+
+from .. import pipeline
+from ..errors import LatentFormatError
+from ..models.latents import from_comfy_flux2, is_ideogram4_latent
+from ..models.vae import estimate_decode_peak
+from . import comfy_adapter as comfy
+from .types import CATEGORY
+
+TILED = ["auto", "on", "off"]
+_loaded = weakref.WeakValueDictionary()
+
+
+class IG4VAEDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="IG4VAEDecode",
+            display_name="VAE Decode (Ideogram4)",
+            category=CATEGORY,
+            description="Decodes an Ideogram 4 latent with the FLUX.2 VAE: official de-normalisation, patch-major "
+                        "unpatchify, decoder. Large images decode in tiles when they would not fit free memory. "
+                        "Also accepts core FLUX.2 latents (converted with the VAE file's own statistics).",
+            inputs=[
+                io.Latent.Input("latent", tooltip="From Ideogram4 Sampler (or a core FLUX.2 latent)."),
+                io.Combo.Input("vae_name", options=comfy.model_files(comfy.VAE_FOLDER),
+                               tooltip="The FLUX.2 VAE from models/vae: ComfyUI's flux2-vae.safetensors or the base "
+                                       "repo's vae/diffusion_pytorch_model.safetensors."),
+                io.Combo.Input("tiled", options=TILED, default="auto",
+                               tooltip="auto: tile only when the estimated peak would not fit free memory (2048x2048 "
+                                       "in bf16 needs ~5 GB untiled); on: always tile; off: never."),
+            ],
+            outputs=[io.Image.Output(display_name="image", tooltip="RGB image batch, for Save Image.")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, latent, vae_name, tiled="auto"):
+        path = comfy.model_path(comfy.VAE_FOLDER, vae_name)
+        device = comfy.torch_device()
+        key = (path, os.path.getmtime(path), str(device))
+        vae = _loaded.get(key)
+        if vae is None:
+            vae = pipeline.load_vae(path, device=device)
+            _loaded[key] = vae
+        if not is_ideogram4_latent(latent):
+            if vae.latent_bn is None:
+                raise LatentFormatError(
+                    f"This LATENT is not from Ideogram4 Sampler, and {vae_name} carries no latent statistics to "
+                    "convert a core FLUX.2 latent; use ComfyUI's flux2-vae.safetensors or decode with core VAE "
+                    "Decode.")
+            latent = from_comfy_flux2(latent, vae.latent_bn)
+        # Ask ComfyUI to make room for an untiled decode first (it may evict our DiT); tile only if still short.
+        grid_h, grid_w = latent["samples"].shape[-2:]
+        f = 2 * vae.scale_factor
+        peak = estimate_decode_peak(vae.config, grid_h * f, grid_w * f, dtype=vae.dtype, device=device)
+        comfy.make_room(peak.bytes, device)
+        free = comfy.free_memory_bytes(device)
+        image = pipeline.decode(vae, latent, tiled=tiled, free_memory_bytes=free,
+                                progress=comfy.node_progress(cls.hidden.unique_id))
+        return io.NodeOutput(image)

@@ -1,0 +1,90 @@
+"""Qwen3-VL Encode: prompt -> the text encoder's taps (IDEOGRAM4_CONDITIONING)."""
+
+from __future__ import annotations
+
+import os
+
+from comfy_api.latest import io, ui
+
+from .. import pipeline
+from ..errors import ModelFileError
+from ..models.text_encoder import unload_text_encoder
+from . import comfy_adapter as comfy
+from .types import CATEGORY, DTYPES, Ideogram4Conditioning
+
+TOKENIZER_SOURCES = ["auto", "comfyui"]
+# Encoders asked to stay loaded, by (file, mtime, dtype, device); ComfyUI's "Unload models" empties it.
+_kept: dict = {}
+
+
+class IG4TextEncode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="IG4TextEncode",
+            display_name="Qwen3-VL Encode",
+            category=CATEGORY,
+            description="Encodes the prompt with the Qwen3-VL-8B text encoder Ideogram 4 uses (13 hidden-state taps). "
+                        "Best with a JSON caption (see Ideogram4 JSON Prompt); plain text works with a warning. The "
+                        "encoder is loaded, run and freed unless keep_loaded is on.",
+            inputs=[
+                io.Combo.Input("text_encoder", options=comfy.model_files(comfy.TEXT_ENCODER_FOLDER),
+                               tooltip="From models/text_encoders (or models/clip): a Qwen3-VL-8B GGUF (Q4_K_M "
+                                       "needs ~4.5 GB), ComfyUI's qwen3vl_8b_fp8_scaled.safetensors, or the base "
+                                       "repo's text_encoder (pick any shard)."),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="A minified JSON caption (recommended) or plain text; at most 2048 tokens "
+                                        "with the chat template."),
+                io.Combo.Input("tokenizer", options=TOKENIZER_SOURCES, default="auto",
+                               tooltip="auto: the vocabulary inside a GGUF, else a tokenizer.json / tokenizer/ "
+                                       "folder beside the encoder, else ComfyUI's bundled Qwen tokenizer. comfyui: "
+                                       "always ComfyUI's bundled one."),
+                io.Combo.Input("compute_dtype", options=DTYPES, default="auto",
+                               tooltip="auto: bf16 on recent GPUs, fp16 on older ones, fp32 on the CPU."),
+                io.Boolean.Input("keep_loaded", default=False,
+                                 tooltip="Keep the encoder in memory for the next prompt (ComfyUI's Unload Models "
+                                         "frees it). Off: freed right after encoding."),
+                io.Boolean.Input("strict_json", default=False,
+                                 tooltip="Refuse prompts that are not a valid Ideogram 4 JSON caption instead of "
+                                         "warning."),
+                io.Boolean.Input("truncate", default=False,
+                                 tooltip="Cut prompts longer than 2048 tokens (with a warning) instead of failing."),
+            ],
+            outputs=[Ideogram4Conditioning.Output(display_name="conditioning",
+                                                  tooltip="The encoded prompt, for Ideogram4 Sampler.")],
+        )
+
+    @classmethod
+    def execute(cls, text_encoder, prompt, tokenizer="auto", compute_dtype="auto", keep_loaded=False,
+                strict_json=False, truncate=False):
+        path = comfy.model_path(comfy.TEXT_ENCODER_FOLDER, text_encoder)
+        device = comfy.torch_device()
+        key = (path, os.path.getmtime(path), compute_dtype, str(device))
+        encoder = _kept.get(key)
+        if encoder is None:
+            encoder = pipeline.load_encoder(path, compute_dtype=compute_dtype, device=device)
+        try:
+            comfy_dirs = comfy.comfy_tokenizer_dirs()
+            if tokenizer == "comfyui":
+                if not comfy_dirs:
+                    raise ModelFileError("ComfyUI's bundled Qwen tokenizer (comfy/text_encoders/"
+                                                  "qwen25_tokenizer) was not found; use tokenizer 'auto'.")
+                tok = pipeline.load_tokenizer(tokenizer_source=comfy_dirs[0])
+            else:
+                tok = pipeline.load_tokenizer(path, encoder=encoder, extra_search_dirs=comfy_dirs)
+            conditioning = pipeline.encode_text(encoder, tok, prompt, strict=strict_json, truncate=truncate)
+        finally:
+            if keep_loaded and key not in _kept:
+                _kept[key] = encoder
+                comfy.keep_loaded(encoder, device, on_unload=lambda: _forget(key))
+            elif not keep_loaded:
+                _kept.pop(key, None)
+                unload_text_encoder(encoder)
+        lines = [f"{conditioning.token_count} tokens"] + [f"warning: {w}" for w in conditioning.warnings]
+        return io.NodeOutput(conditioning, ui=ui.PreviewText("\n".join(lines)))
+
+
+def _forget(key):
+    encoder = _kept.pop(key, None)
+    if encoder is not None:
+        unload_text_encoder(encoder)

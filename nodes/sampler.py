@@ -1,0 +1,86 @@
+"""Ideogram4 Sampler: the official Euler flow-matching loop with asymmetric CFG -> LATENT."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from .. import pipeline
+from ..sampler.flow import token_grid
+from ..sampler.presets import PRESETS, TERMINALS, sampler_settings
+from . import comfy_adapter as comfy
+from .types import CATEGORY, Ideogram4Conditioning, Ideogram4Model
+
+# Activations of one step at 1024x1024 with 512 text tokens, bf16 (docs/memory.md): what ComfyUI must leave free
+# beside the weights; scaled with the token count.
+_ACTIVATION_BYTES_PER_TOKEN = 200_000
+
+
+class IG4Sampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="IG4Sampler",
+            display_name="Ideogram4 Sampler",
+            category=CATEGORY,
+            description="Samples an image latent with Ideogram 4's official schedule (logit-normal with resolution "
+                        "shift), asymmetric CFG (the unconditional branch sees image tokens only) and per-step "
+                        "guidance with polish steps. Presets: quality 48 steps, default 20, turbo 12. A seed gives "
+                        "the same image on any device.",
+            inputs=[
+                Ideogram4Model.Input("model", tooltip="From Ideogram4 Q4_K Loader."),
+                Ideogram4Conditioning.Input("conditioning", tooltip="From Qwen3-VL Encode."),
+                io.Int.Input("width", default=1024, min=256, max=2048, step=16,
+                             tooltip="Image width in pixels: a multiple of 16, 256..2048 (trained around 2 MP)."),
+                io.Int.Input("height", default=1024, min=256, max=2048, step=16,
+                             tooltip="Image height in pixels: a multiple of 16, 256..2048."),
+                io.Int.Input("batch_size", default=1, min=1, max=16, tooltip="Images per run (one prompt)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Noise seed; the noise is drawn on the CPU in token order, so a seed gives the "
+                                     "same image on every device."),
+                io.Combo.Input("preset", options=list(PRESETS), default="default",
+                               tooltip="quality: 48 steps (mu 0, std 1.5); default: 20 steps (mu 0, std 1.75); "
+                                       "turbo: 12 steps (mu 0.5, std 1.75). Guidance 7 with 3.0 for the last 3/2/1 "
+                                       "polish steps."),
+                io.Int.Input("steps", default=0, min=0, max=200, tooltip="0 = the preset's step count."),
+                io.Float.Input("guidance", default=0.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="CFG scale of the main steps; 0 = the preset's (7.0)."),
+                io.Int.Input("polish_steps", default=-1, min=-1, max=200,
+                             tooltip="Final steps run at polish_guidance; -1 = the preset's."),
+                io.Float.Input("polish_guidance", default=0.0, min=0.0, max=30.0, step=0.1,
+                               tooltip="CFG scale of the polish steps; 0 = the preset's (3.0)."),
+                io.Boolean.Input("custom_schedule", default=False,
+                                 tooltip="Use mu and std below instead of the preset's logit-normal schedule."),
+                io.Float.Input("mu", default=0.0, min=-5.0, max=5.0, step=0.05,
+                               tooltip="Logit-normal mean before the resolution shift (used with custom_schedule)."),
+                io.Float.Input("std", default=1.75, min=0.1, max=5.0, step=0.05,
+                               tooltip="Logit-normal spread (used with custom_schedule)."),
+                io.Combo.Input("terminal", options=list(TERMINALS), default="official",
+                               tooltip="official: stop at t = 0.99945 as the official code; one: integrate to t = 1 "
+                                       "as diffusers and ComfyUI core do."),
+            ],
+            outputs=[io.Latent.Output(display_name="latent",
+                                      tooltip="Ideogram 4 latent; decode with VAE Decode (Ideogram4).")],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, conditioning, width, height, batch_size, seed, preset="default", steps=0, guidance=0.0,
+                polish_steps=-1, polish_guidance=0.0, custom_schedule=False, mu=0.0, std=1.75,
+                terminal="official"):
+        overrides = dict(
+            steps=steps or None,
+            guidance=guidance or None,
+            polish_steps=None if polish_steps < 0 else polish_steps,
+            polish_guidance=polish_guidance or None,
+            mu=mu if custom_schedule else None,
+            std=std if custom_schedule else None,
+            terminal=terminal,
+        )
+        settings = sampler_settings(preset, **overrides)
+        grid = token_grid(width, height)
+        tokens = grid[0] * grid[1] * batch_size + conditioning.token_count
+        comfy.load_for_sampling(model, tokens * _ACTIVATION_BYTES_PER_TOKEN)
+        progress = comfy.SamplingProgress(settings.steps, node_id=cls.hidden.unique_id, grid=grid)
+        latent = pipeline.sample_latents(model, conditioning, width=width, height=height, seed=seed,
+                                         batch_size=batch_size, preset=preset, callback=progress, **overrides)
+        return io.NodeOutput(latent)
