@@ -47,6 +47,8 @@ class IG4JsonPrompt(io.ComfyNode):
     @classmethod
     def execute(cls, high_level_description, background, elements, style="none", aesthetics="", lighting="",
                 medium="", photo_or_art_style="", color_palette=""):
+        if not background.strip():
+            raise PromptError("Ideogram4 JSON Prompt: the background is required (e.g. 'a plain white wall').")
         caption = {}
         if high_level_description.strip():
             caption["high_level_description"] = high_level_description.strip()

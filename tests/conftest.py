@@ -57,3 +57,11 @@ def torch_gen(rng):
     import torch
 
     return torch.Generator().manual_seed(int(rng.integers(1 << 62)))
+
+
+@pytest.fixture(scope="session")
+def demo_models(tmp_path_factory):
+    """The tiny random-weight model set of `python -m ideogram4_gguf demo` (ComfyUI models/ layout)."""
+    from ideogram4_gguf.demo import build_demo_models
+
+    return build_demo_models(tmp_path_factory.mktemp("models"), log=lambda *a: None)

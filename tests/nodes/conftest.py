@@ -1,0 +1,3 @@
+from .fake_comfy_api import install
+
+install()

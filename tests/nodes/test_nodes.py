@@ -1,0 +1,147 @@
+"""Each node's execute on the tiny demo models, without ComfyUI (a recording stand-in for comfy_api)."""
+
+import json
+
+import pytest
+import torch
+
+from ideogram4_gguf import pipeline
+from ideogram4_gguf.demo import DEMO_PROMPT
+from ideogram4_gguf.errors import LatentFormatError, ModelFileError, PromptError, SamplingError
+from ideogram4_gguf.nodes import NODES, comfy_adapter
+from ideogram4_gguf.nodes.decode import IG4VAEDecode
+from ideogram4_gguf.nodes.encode import IG4TextEncode, _kept
+from ideogram4_gguf.nodes.json_prompt import IG4JsonPrompt
+from ideogram4_gguf.nodes.loader import IG4ModelLoader
+from ideogram4_gguf.nodes.sampler import IG4Sampler
+from ideogram4_gguf.prompts.caption import minify, validate_caption
+
+CORE_NODE_IDS = {"Ideogram4Scheduler", "DualModelGuider", "CFGOverride", "BuildJsonPromptIdeogram",
+                 "CreateBoundingBoxes", "IdeogramV4", "VAEDecode", "UNETLoader", "CLIPLoader"}
+
+
+def test_schemas_are_complete():
+    ids = set()
+    for node in NODES:
+        schema = node.define_schema()
+        assert schema.node_id.startswith("IG4") and schema.node_id not in CORE_NODE_IDS
+        assert schema.category == "Ideogram4" and schema.description and schema.display_name
+        for item in schema.inputs:
+            assert item.options.get("tooltip"), f"{schema.node_id}.{item.id} has no tooltip"
+        ids.add(schema.node_id)
+    assert len(ids) == len(NODES)
+    names = {n.define_schema().display_name for n in NODES}
+    assert {"Ideogram4 Q4_K Loader", "Qwen3-VL Encode", "Ideogram4 Sampler", "Ideogram4 JSON Prompt"} <= names
+    seed = next(i for i in IG4Sampler.define_schema().inputs if i.id == "seed")
+    assert seed.options["control_after_generate"] is True
+
+
+def run(node, **inputs):
+    return node.execute(**inputs)
+
+
+@pytest.fixture
+def model(demo_models):
+    return run(IG4ModelLoader, dit_name=str(demo_models.dit)).args[0]
+
+
+@pytest.fixture
+def conditioning(demo_models):
+    return run(IG4TextEncode, text_encoder=str(demo_models.text_encoder), prompt=minify(DEMO_PROMPT)).args[0]
+
+
+def test_loader(demo_models, model):
+    assert isinstance(model, pipeline.Ideogram4Model)
+    assert model.cond_branch.with_text and not model.uncond_branch.with_text
+    assert run(IG4ModelLoader, dit_name=str(demo_models.dit)).args[0] is model  # shared while in use
+    with pytest.raises(ModelFileError, match="already holds both branches"):
+        run(IG4ModelLoader, dit_name=str(demo_models.dit), uncond_name=str(demo_models.dit))
+    with pytest.raises(ModelFileError, match="not found"):
+        run(IG4ModelLoader, dit_name=str(demo_models.root / "missing.gguf"))
+    with pytest.raises(ModelFileError, match="not an Ideogram 4 DiT"):
+        run(IG4ModelLoader, dit_name=str(demo_models.vae))
+
+
+def test_encode(demo_models, conditioning):
+    output = run(IG4TextEncode, text_encoder=str(demo_models.text_encoder), prompt=minify(DEMO_PROMPT))
+    again = output.args[0]
+    assert torch.equal(again.text_taps, conditioning.text_taps)  # deterministic
+    assert conditioning.text_taps.shape == (conditioning.token_count, 13 * 64)
+    assert f"{conditioning.token_count} tokens" in output.ui.text and not _kept
+    plain = run(IG4TextEncode, text_encoder=str(demo_models.text_encoder), prompt="a poster that says HELLO")
+    assert "JSON" in plain.ui.text  # the plain-text warning is shown on the node
+    with pytest.raises(PromptError):
+        run(IG4TextEncode, text_encoder=str(demo_models.text_encoder), prompt="plain", strict_json=True)
+    with pytest.raises(PromptError, match="empty"):
+        run(IG4TextEncode, text_encoder=str(demo_models.text_encoder), prompt="   ")
+    with pytest.raises(ModelFileError, match="not a Qwen3-VL-8B text encoder"):
+        run(IG4TextEncode, text_encoder=str(demo_models.dit), prompt="x")
+    kept = run(IG4TextEncode, text_encoder=str(demo_models.text_encoder), prompt="hello", keep_loaded=True)
+    assert len(_kept) == 1 and kept.args[0].token_count > 0
+    run(IG4TextEncode, text_encoder=str(demo_models.text_encoder), prompt="hello", keep_loaded=False)
+    assert not _kept
+
+
+def test_sampler_and_decode_match_the_pipeline(demo_models, model, conditioning):
+    inputs = dict(model=model, conditioning=conditioning, width=256, height=320, batch_size=2, seed=11,
+                  preset="turbo")
+    latent = run(IG4Sampler, **inputs).args[0]
+    assert latent["samples"].shape == (2, 128, 20, 16) and latent["ideogram4_latent"]
+    reference = pipeline.sample_latents(model, conditioning, width=256, height=320, seed=11, batch_size=2,
+                                        preset="turbo")
+    assert torch.equal(latent["samples"], reference["samples"])
+    image = run(IG4VAEDecode, latent=latent, vae_name=str(demo_models.vae)).args[0]
+    assert image.shape == (2, 320, 256, 3) and image.dtype == torch.float32
+    assert 0 <= image.min() and image.max() <= 1 and image.std() > 0.01
+    overridden = run(IG4Sampler, **inputs, steps=3, guidance=5.0, polish_steps=0, custom_schedule=True, mu=0.2,
+                     std=1.0, terminal="one").args[0]
+    assert not torch.equal(overridden["samples"], latent["samples"])
+    with pytest.raises(SamplingError, match="multiple of 16"):
+        run(IG4Sampler, **{**inputs, "width": 250})
+
+
+def test_sampler_interruption(monkeypatch, model, conditioning):
+    class Interrupted(BaseException):  # ComfyUI's InterruptProcessingException is a BaseException too
+        pass
+
+    calls = []
+
+    def interrupt():
+        calls.append(1)
+        if len(calls) == 3:
+            raise Interrupted
+
+    monkeypatch.setattr(comfy_adapter, "throw_if_interrupted", interrupt)
+    with pytest.raises(Interrupted):
+        run(IG4Sampler, model=model, conditioning=conditioning, width=256, height=256, batch_size=1, seed=0,
+            preset="default")
+    assert len(calls) == 3  # stopped at step 3 of 20
+
+
+def test_decode_refuses_a_core_latent_without_statistics(demo_models):
+    core = {"samples": torch.randn(1, 128, 16, 16)}
+    with pytest.raises(LatentFormatError, match="not from Ideogram4 Sampler"):
+        run(IG4VAEDecode, latent=core, vae_name=str(demo_models.vae))
+
+
+def test_json_prompt():
+    output = run(IG4JsonPrompt, high_level_description="A poster", background="plain beige",
+                 elements="text | HELLO | bold black letters | 380,200,620,800 | #000000\n"
+                          "obj | a red cube | 600,100,900,400",
+                 style="art", aesthetics="minimal", lighting="flat", medium="poster", photo_or_art_style="swiss",
+                 color_palette="#ffffff, #000000")
+    caption = json.loads(output.args[0])
+    assert validate_caption(caption) == []
+    assert list(caption) == ["high_level_description", "style_description", "compositional_deconstruction"]
+    assert caption["style_description"]["color_palette"] == ["#FFFFFF", "#000000"]
+    elements = caption["compositional_deconstruction"]["elements"]
+    assert elements[0] == {"type": "text", "bbox": [380, 200, 620, 800], "text": "HELLO",
+                           "desc": "bold black letters", "color_palette": ["#000000"]}
+    assert elements[1]["type"] == "obj" and "caption OK" in output.ui.text
+    assert output.args[0] == minify(caption)  # minified, canonical
+    with pytest.raises(PromptError, match="background"):
+        run(IG4JsonPrompt, high_level_description="x", background="", elements="")
+    with pytest.raises(PromptError, match="line 1"):
+        run(IG4JsonPrompt, high_level_description="x", background="y", elements="picture | a cat")
+    with pytest.raises(PromptError, match="bbox"):
+        run(IG4JsonPrompt, high_level_description="x", background="y", elements="obj | cat | 10,20,5,900")
