@@ -1,0 +1,65 @@
+"""pipeline.py: the shared load -> encode -> sample -> decode path (tiny demo models)."""
+
+import shutil
+
+import pytest
+import torch
+
+from ideogram4_gguf import pipeline
+from ideogram4_gguf.errors import ModelFileError
+from ideogram4_gguf.pipeline import TextConditioning
+
+
+def test_tokenizer_is_found_in_the_release_layout(demo_models, tmp_path):
+    """<repo>/text_encoder/<file> + <repo>/tokenizer/tokenizer.json, as the official base repo ships them."""
+    repo = tmp_path / "ideogram-4"
+    (repo / "text_encoder").mkdir(parents=True)
+    (repo / "tokenizer").mkdir()
+    shutil.copy(demo_models.tokenizer, repo / "tokenizer" / "tokenizer.json")
+    weights = repo / "text_encoder" / "model-00001-of-00002.safetensors"
+    weights.write_bytes(b"")
+    tokenizer = pipeline.load_tokenizer(weights)
+    assert tokenizer.token_to_id("<|im_start|>") is not None
+    with pytest.raises(ModelFileError, match="No Qwen tokenizer found"):
+        pipeline.load_tokenizer(tmp_path / "elsewhere" / "model.safetensors")
+    # an explicit source wins, and a GGUF encoder's own vocabulary is used before any search
+    assert pipeline.load_tokenizer(tokenizer_source=demo_models.tokenizer).get_vocab_size() == \
+        tokenizer.get_vocab_size()
+
+
+def test_a_picked_shard_stands_for_its_checkpoint(tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text("{}")
+    shard = tmp_path / "model-00002-of-00004.safetensors"
+    shard.write_bytes(b"")
+    assert pipeline.resolve_text_encoder_path(shard) == tmp_path / "model.safetensors.index.json"
+    single = tmp_path / "qwen.safetensors"
+    single.write_bytes(b"")
+    assert pipeline.resolve_text_encoder_path(single) == single
+
+
+def test_text_features_of_another_encoder_are_refused(demo_models):
+    model = pipeline.load_model(demo_models.dit, device="cpu")
+    wrong = TextConditioning(torch.randn(5, 13 * 32), "x", 5, encoder_file="qwen3vl-4b.gguf")
+    with pytest.raises(ModelFileError, match="qwen3vl-4b.gguf.*does not belong"):
+        pipeline.sample_latents(model, wrong, width=256, height=256)
+
+
+def test_encode_prompt_frees_the_encoder_and_is_deterministic(demo_models, monkeypatch):
+    freed = []
+    real = pipeline.unload_text_encoder
+    monkeypatch.setattr(pipeline, "unload_text_encoder", lambda enc: (freed.append(enc), real(enc)))
+    a = pipeline.encode_prompt(demo_models.text_encoder, "a red cube", device="cpu")
+    b = pipeline.encode_prompt(demo_models.text_encoder, "a red cube", device="cpu")
+    assert len(freed) == 2 and all(p.is_meta for p in freed[0].parameters())
+    assert torch.equal(a.text_taps, b.text_taps) and a.token_count == b.token_count
+    assert a.warnings  # plain text: the JSON recommendation
+    with pytest.raises(ModelFileError, match="feature"):
+        pipeline.encode_prompt(demo_models.text_encoder, "x", device="cpu", expected_feature_dim=13 * 4096)
+
+
+def test_dtype_and_device_resolution():
+    assert pipeline.resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert pipeline.resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert pipeline.resolve_dtype(torch.float16, "cpu") == torch.float16
+    with pytest.raises(ValueError, match="compute dtype"):
+        pipeline.resolve_dtype("int8", "cpu")
