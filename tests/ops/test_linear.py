@@ -1,6 +1,5 @@
 """QuantLinear and Fp8Linear: forward equals F.linear with the reference-decoded weight; dtype hygiene."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

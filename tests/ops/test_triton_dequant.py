@@ -1,6 +1,5 @@
 """The fused Triton kernels, run on the CPU by Triton's interpreter, against gguf-py bit for bit."""
 
-import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
