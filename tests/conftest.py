@@ -41,6 +41,8 @@ def _import_checkout_as_package():
 
 
 _import_checkout_as_package()
+# Shared test helpers (gguf_files, ...) import as top-level modules from every test folder.
+sys.path.insert(0, str(ROOT / "tests"))
 
 
 @pytest.fixture

@@ -7,13 +7,13 @@ float32 for fp8). A model built from those must match the loaded one exactly.
 
 from __future__ import annotations
 
-import ctypes
 import json
 
-import ggml
 import gguf
+import gguf_files
 import numpy as np
 import torch
+from gguf_files import ggml_quantize
 from gguf import GGMLQuantizationType as Q
 from safetensors.torch import save_file
 
@@ -31,16 +31,7 @@ def is_linear_weight(name: str, tensor: torch.Tensor) -> bool:
 
 def quantize_q4_k(weight: np.ndarray) -> np.ndarray:
     """llama.cpp `quantize_row_q4_K_ref` through ggml-python (gguf-and-kernels.md §4.6)."""
-    rows, cols = weight.shape
-    src = np.ascontiguousarray(weight, dtype=np.float32)
-    row_bytes = cols // 256 * 144
-    dst = np.zeros(rows * row_bytes, dtype=np.uint8)
-    written = ggml.ggml_quantize_chunk(
-        int(Q.Q4_K), src.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), dst.ctypes.data_as(ctypes.c_void_p),
-        0, rows, cols, None,
-    )
-    assert written == rows * row_bytes
-    return dst.reshape(rows, row_bytes)
+    return ggml_quantize(weight, Q.Q4_K)
 
 
 def encode_gguf(name: str, tensor: torch.Tensor, qtype: Q) -> tuple[object, torch.Tensor]:
@@ -67,27 +58,13 @@ def encode_fp8_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def write_gguf(path, branches: dict[str, dict[str, torch.Tensor]], qtype: Q, metadata: dict | None = None):
     """One GGUF holding every {prefix: state_dict} branch; returns the decoded {prefix: state_dict}."""
-    writer = gguf.GGUFWriter(str(path), "ideogram4")
-    for key, value in (metadata or {}).items():
-        if isinstance(value, (list, tuple)):
-            writer.add_array(key, list(value))
-        elif isinstance(value, float):
-            writer.add_float32(key, value)
-        else:
-            writer.add_uint32(key, int(value))
-    decoded = {}
+    stored, decoded = {}, {}
     for prefix, state in branches.items():
         decoded[prefix] = {}
         for name, tensor in state.items():
-            stored, decoded[prefix][name] = encode_gguf(name, tensor, qtype)
-            if isinstance(stored, tuple):
-                writer.add_tensor(prefix + name, stored[1], raw_dtype=stored[0])
-            else:
-                writer.add_tensor(prefix + name, stored)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+            stored[prefix + name], decoded[prefix][name] = encode_gguf(name, tensor, qtype)
+    metadata = {k: list(v) if isinstance(v, tuple) else v for k, v in (metadata or {}).items()}
+    gguf_files.write_gguf(path, stored, metadata)
     return decoded
 
 

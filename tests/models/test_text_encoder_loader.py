@@ -7,13 +7,12 @@ quantizers) for GGUF blocks; the official fp8 recipe (per-row amax/448, e4m3) an
 Lossless layouts must match exactly; quantized ones exactly against their own dequantized weights.
 """
 
-import ctypes
 import json
 
-import numpy as np
 import pytest
+import gguf_files
 import torch
-from gguf import GGML_QUANT_SIZES
+from gguf_files import ggml_quantize
 from gguf import GGMLQuantizationType as Q
 from ideogram4_gguf.errors import ModelFileError
 from ideogram4_gguf.models.text_encoder import Qwen3TextConfig, Qwen3TextEncoder, unload_text_encoder
@@ -80,44 +79,17 @@ def fp8_per_tensor(w):
     return (w / scale).to(torch.float8_e4m3fn), scale.float().reshape(())
 
 
-def ggml_quantize(w: np.ndarray, qtype) -> np.ndarray:
-    """llama.cpp's reference quantizer (ggml-python oracle, spec gguf-and-kernels.md §4.6)."""
-    ggml = pytest.importorskip("ggml")
-    rows, cols = w.shape
-    block, size = GGML_QUANT_SIZES[qtype]
-    src = np.ascontiguousarray(w, dtype=np.float32)
-    out = np.zeros((rows, cols // block * size), dtype=np.uint8)
-    ggml.ggml_quantize_chunk(int(qtype), src.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-                             out.ctypes.data_as(ctypes.c_void_p), 0, rows, cols, None)
-    return out
-
-
 to_llama_cpp = llama_cpp_name
 
 
 def write_gguf(path, tensors, arch="qwen3vl", theta=5e6, tokens=None):
     """tensors: llama.cpp name -> float32 array or (qtype, packed uint8); tokens: (list, types) or None."""
-    import gguf
-
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_float32(f"{arch}.rope.freq_base", theta)
-    writer.add_float32(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    metadata = {f"{arch}.rope.freq_base": float(theta), f"{arch}.attention.layer_norm_rms_epsilon": 1e-6}
     if tokens is not None:
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre("qwen2")
-        writer.add_token_list(tokens[0])
-        writer.add_token_types(tokens[1])
-        writer.add_token_merges(["a b"])
-    for name, value in tensors.items():
-        if isinstance(value, tuple):
-            writer.add_tensor(name, value[1], raw_dtype=value[0])
-        else:
-            writer.add_tensor(name, value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+        metadata.update({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "qwen2",
+                         "tokenizer.ggml.tokens": tokens[0], "tokenizer.ggml.token_type": tokens[1],
+                         "tokenizer.ggml.merges": ["a b"]})
+    return gguf_files.write_gguf(path, tensors, metadata, arch)
 
 
 # --- lossless layouts ---------------------------------------------------------------------------------------

@@ -23,27 +23,3 @@ def random_blocks(qtype, rows, cols, rng):
         data[:, offset:offset + 2] = scale.view(np.uint8).reshape(n_blocks, 2)
     return data.reshape(rows, cols // block_size * type_size)
 
-
-def write_gguf(path, tensors, metadata=None, arch="ideogram4"):
-    """Write a GGUF with gguf-py. tensors: name -> float32 array (stored as F32) or (qtype, packed uint8)."""
-    import gguf
-
-    writer = gguf.GGUFWriter(str(path), arch)
-    for key, value in (metadata or {}).items():
-        if isinstance(value, str):
-            writer.add_string(key, value)
-        elif isinstance(value, int):
-            writer.add_uint32(key, value)
-        else:
-            writer.add_array(key, value)
-    for name, value in tensors.items():
-        if isinstance(value, tuple):
-            qtype, packed = value
-            writer.add_tensor(name, packed, raw_dtype=qtype)
-        else:
-            writer.add_tensor(name, value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path

@@ -16,7 +16,9 @@ from ideogram4_gguf.errors import GGUFFormatError
 from ideogram4_gguf.ops import open_gguf
 
 from ..conftest import ROOT
-from .conftest import random_blocks, write_gguf
+from gguf_files import write_gguf
+
+from .conftest import random_blocks
 
 
 @pytest.fixture

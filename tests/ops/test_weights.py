@@ -14,7 +14,9 @@ from torch import nn
 from ideogram4_gguf.errors import GGUFFormatError, ModelFileError
 from ideogram4_gguf.ops import Fp8Linear, GGUFSource, QuantLinear, open_weights
 
-from .conftest import random_blocks, write_gguf
+from gguf_files import write_gguf
+
+from .conftest import random_blocks
 from .test_linear import e4m3
 
 

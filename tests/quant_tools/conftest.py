@@ -5,11 +5,9 @@ names); the official fused layout is derived from them by row concatenation (q, 
 describes. torch is used here only to build and write the test files (quant_tools itself never imports it).
 """
 
-import ctypes
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 
@@ -191,19 +189,7 @@ def layouts(tmp_path_factory, small_models):
 
 @pytest.fixture(scope="session")
 def ggml_quantize():
-    ggml = pytest.importorskip("ggml", reason="ggml-python (the reference quantizer) is not installed")
-    import gguf
-
-    def reference(x, qtype_name):
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        rows, n = x.shape
-        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype_name]]
-        out = np.zeros((rows, n // block * size), np.uint8)
-        written = ggml.ggml_quantize_chunk(
-            int(gguf.GGMLQuantizationType[qtype_name]), x.ctypes.data_as(ctypes.POINTER(ctypes.c_float)),
-            out.ctypes.data_as(ctypes.c_void_p), 0, rows, n, None)
-        assert written == out.nbytes
-        return out
+    from gguf_files import ggml_quantize as reference
 
     return reference
 
