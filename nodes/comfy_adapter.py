@@ -67,6 +67,18 @@ def model_path(key: str, name: str) -> str:
     return path
 
 
+def file_fingerprint(key: str, *names) -> tuple:
+    """What makes a cached node output stale: the picked files' modification times (a file replaced under
+    the same name must reload)."""
+    stamps = []
+    for name in names:
+        try:
+            stamps.append(os.path.getmtime(model_path(key, name)))
+        except (ModelFileError, OSError):
+            stamps.append(None)
+    return tuple(stamps)
+
+
 def comfy_tokenizer_dirs() -> list[Path]:
     """ComfyUI's own Qwen tokenizer files (comfy/text_encoders/qwen25_tokenizer), when ComfyUI is present."""
     try:

@@ -42,6 +42,10 @@ class IG4VAEDecode(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, vae_name, **_):
+        return comfy.file_fingerprint(comfy.VAE_FOLDER, vae_name)
+
+    @classmethod
     def execute(cls, latent, vae_name, tiled="auto"):
         path = comfy.model_path(comfy.VAE_FOLDER, vae_name)
         device = comfy.torch_device()

@@ -55,6 +55,10 @@ class IG4TextEncode(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, text_encoder, **_):
+        return comfy.file_fingerprint(comfy.TEXT_ENCODER_FOLDER, text_encoder)
+
+    @classmethod
     def execute(cls, text_encoder, prompt, tokenizer="auto", compute_dtype="auto", keep_loaded=False,
                 strict_json=False, truncate=False):
         path = comfy.model_path(comfy.TEXT_ENCODER_FOLDER, text_encoder)

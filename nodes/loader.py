@@ -50,6 +50,10 @@ class IG4ModelLoader(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, dit_name, uncond_name=None, **_):
+        return comfy.file_fingerprint(comfy.DIT_FOLDER, dit_name, uncond_name)
+
+    @classmethod
     def execute(cls, dit_name, uncond_name=comfy.NONE_CHOICE, compute_dtype="auto", dequant_kernel="auto",
                 memory_mode="auto"):
         path = comfy.model_path(comfy.DIT_FOLDER, dit_name)
