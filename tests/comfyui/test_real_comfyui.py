@@ -1,0 +1,229 @@
+"""The pack inside a real, headless ComfyUI (>= 0.25) on the CPU, with the tiny demo models.
+
+Enabled when COMFYUI_DIR points at a ComfyUI checkout; ComfyUI runs in COMFYUI_PYTHON (default: the `comfy_venv`
+beside the checkout if there is one, else this Python). The server gets a throwaway base directory whose
+custom_nodes/ideogram4_gguf links to this checkout and whose models/ hold the tiny demo files; every shipped
+workflow is converted to the API format with the server's own /object_info and run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from ideogram4_gguf.nodes import NODES
+
+from ..workflows.tiny_run import MODEL_FILE_INPUTS, for_tiny_models
+from ..workflows.ui_to_api import convert
+from .comfy_server import ComfyServer, WebSocket, comfyui_version
+
+ROOT = Path(__file__).resolve().parents[2]
+PACK = "ideogram4_gguf"  # the folder name under custom_nodes = module name = template category
+WORKFLOWS = ROOT / "workflows"
+SHIPPED = ["ideogram4_q4k_text_to_image", "ideogram4_q4k_json_prompt", "ideogram4_q4k_low_vram"]
+API_COPY = "api/ideogram4_q4k_text_to_image"
+MIN_VERSION = (0, 25, 0)
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+
+pytestmark = pytest.mark.skipif(
+    not COMFYUI_DIR, reason="real-ComfyUI tests: set COMFYUI_DIR to a ComfyUI >= 0.25 checkout (and COMFYUI_PYTHON "
+                            "to the Python that runs it) to enable them")
+
+
+def comfy_python() -> str:
+    if os.environ.get("COMFYUI_PYTHON"):
+        return os.environ["COMFYUI_PYTHON"]
+    venv = Path(COMFYUI_DIR).resolve().parent / "comfy_venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory, demo_models):
+    version = comfyui_version(COMFYUI_DIR)
+    if version is None:
+        pytest.skip(f"COMFYUI_DIR={COMFYUI_DIR} has no comfyui_version.py: not a ComfyUI checkout")
+    if version < MIN_VERSION:
+        pytest.skip(f"COMFYUI_DIR={COMFYUI_DIR} is ComfyUI {'.'.join(map(str, version))}; these tests need >= 0.25")
+    base = tmp_path_factory.mktemp("comfyui_base")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
+    for folder, path in tiny_files(demo_models, paths=True).items():
+        (base / "models" / folder).mkdir(parents=True)
+        (base / "models" / folder / path.name).symlink_to(path)
+    server = ComfyServer(COMFYUI_DIR, comfy_python(), base, ["--preview-method", "latent2rgb"])
+    started = time.monotonic()
+    try:
+        server.start()
+        print(f"ComfyUI {'.'.join(map(str, version))} ({COMFYUI_DIR}) answered after "
+              f"{time.monotonic() - started:.1f} s")
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def object_info(comfy):
+    return comfy.get("/object_info")
+
+
+def tiny_files(demo_models, paths=False) -> dict:
+    files = {"diffusion_models": demo_models.dit, "text_encoders": demo_models.text_encoder, "vae": demo_models.vae}
+    return files if paths else {folder: path.name for folder, path in files.items()}
+
+
+def load(name) -> dict:
+    return json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def node_id_of(prompt: dict, class_type: str) -> str:
+    [node_id] = [i for i, entry in prompt.items() if entry["class_type"] == class_type]
+    return node_id
+
+
+def run(comfy, prompt: dict, on_event=None):
+    """Queue `prompt` and follow it on the websocket to its end -> (history entry, events, binary event types)."""
+    client_id = uuid.uuid4().hex
+    ws = WebSocket(comfy.port, client_id)
+    try:
+        status, response = comfy.queue(prompt, client_id)
+        assert status == 200, response
+        assert response["node_errors"] == {}
+        prompt_id = response["prompt_id"]
+        events = ws.until(lambda e: e["type"] == "executing" and e["data"].get("node") is None
+                          and e["data"].get("prompt_id") == prompt_id, on_event=lambda e: on_event and on_event(e))
+        return comfy.wait_history(prompt_id), events, ws.binary_events
+    finally:
+        ws.close()
+
+
+def status_messages(history: dict) -> dict:
+    return {name: data for name, data in history["status"]["messages"]}
+
+
+def test_pack_imports_without_errors(comfy):
+    log = comfy.log()
+    assert re.search(rf"seconds: .*custom_nodes[/\\]{PACK}\s*$", log, re.M), comfy.log_tail()
+    problems = [line for line in log.splitlines()
+                if PACK in line and ("IMPORT FAILED" in line or "Cannot import" in line)]
+    assert not problems, "\n".join(problems)
+
+
+def test_object_info_lists_the_nodes_as_their_schemas_say(object_info, demo_models):
+    """Each node as ComfyUI reports it equals what the comfy_api stand-in records from the same define_schema
+    (so the offline workflow checks in tests/workflows hold in ComfyUI too); model dropdowns list the folders."""
+    listed = {"diffusion_models": [demo_models.dit.name], "text_encoders": [demo_models.text_encoder.name],
+              "vae": [demo_models.vae.name]}
+    for node in NODES:
+        schema = node.define_schema()
+        expected, real = schema.object_info(), object_info.get(schema.node_id)
+        assert real is not None, f"{schema.node_id} missing from /object_info"
+        assert real["python_module"] == f"custom_nodes.{PACK}"
+        for key in ("display_name", "category", "description", "output", "output_name", "output_node"):
+            assert real[key] == expected[key], f"{schema.node_id}.{key}"
+        for section in ("required", "optional"):
+            assert real["input_order"].get(section) == expected["input_order"].get(section), schema.node_id
+            for name, (kind, options) in expected["input"].get(section, {}).items():
+                real_kind, real_options = real["input"][section][name]
+                assert real_kind == kind, f"{schema.node_id}.{name}"
+                folder = MODEL_FILE_INPUTS.get((schema.node_id, name))
+                if folder is not None:
+                    choices = [o for o in real_options["options"] if o not in options["options"]]
+                    assert choices == listed[folder], f"{schema.node_id}.{name}"
+                    options = {k: v for k, v in options.items() if k != "options"}
+                assert {k: real_options.get(k) for k in options} == options, f"{schema.node_id}.{name}"
+        assert ("unique_id" in real["input"].get("hidden", {})) == bool(schema.hidden), schema.node_id
+
+
+def test_workflow_templates_are_served(comfy):
+    assert sorted(comfy.get("/workflow_templates")[PACK]) == sorted(SHIPPED)  # the API copy is not a template
+    for name in SHIPPED:
+        assert comfy.get(f"/api/workflow_templates/{PACK}/{name}.json") == load(name)
+        status, body, kind = comfy.request(f"/api/workflow_templates/{PACK}/{name}.jpg")
+        assert (status, kind) == (200, "image/jpeg") and body == (WORKFLOWS / f"{name}.jpg").read_bytes()
+
+
+@pytest.mark.parametrize("name", SHIPPED + [API_COPY])
+def test_shipped_workflow_runs(comfy, object_info, demo_models, name):
+    workflow = load(name)
+    prompt = workflow if name == API_COPY else convert(workflow, object_info)
+    # A seed per workflow: ComfyUI would otherwise serve an identical prompt from its cache without running it.
+    prompt = for_tiny_models(prompt, tiny_files(demo_models), seed=1000 + (SHIPPED + [API_COPY]).index(name))
+    history, events, binary = run(comfy, prompt)
+    assert history["status"]["status_str"] == "success" and history["status"]["completed"], history["status"]
+    sampler, save = node_id_of(prompt, "IG4Sampler"), node_id_of(prompt, "SaveImage")
+    progress = [e["data"] for e in events if e["type"] == "progress" and e["data"]["node"] == sampler]
+    assert progress and progress[-1]["value"] == progress[-1]["max"] == 2
+    assert binary and set(binary) <= {1, 4}  # live previews (PREVIEW_IMAGE, or with metadata)
+    [image] = history["outputs"][save]["images"]
+    path = comfy.base_dir / "output" / image["subfolder"] / image["filename"]
+    with Image.open(path) as png:
+        assert png.size == (256, 256)
+    cached = {n for e in events if e["type"] == "execution_cached" for n in e["data"]["nodes"]}
+    assert sampler not in cached and save not in cached
+    encode = node_id_of(prompt, "IG4TextEncode")
+    if encode not in cached:  # the API copy's prompt is the text-to-image one: ComfyUI reuses that encoding
+        assert re.match(r"\d+ tokens", history["outputs"][encode]["text"][0])  # shown on the node
+    if "IG4JsonPrompt" in {e["class_type"] for e in prompt.values()}:
+        caption_text = history["outputs"][node_id_of(prompt, "IG4JsonPrompt")]["text"][0]
+        assert caption_text.startswith("caption OK") and "BLUE NOTE NIGHTS" in caption_text
+
+
+def test_interrupt_mid_sampling(comfy, object_info, demo_models):
+    # 48 steps at 512x512: long enough that the interrupt lands mid-sampling even on a fast machine.
+    prompt = for_tiny_models(convert(load(SHIPPED[0]), object_info), tiny_files(demo_models), size=512,
+                             preset="quality", steps=0, seed=2000)
+    sampler = node_id_of(prompt, "IG4Sampler")
+    sent = []
+
+    def interrupt_at_step_two(event):
+        if (event["type"] == "progress" and event["data"]["node"] == sampler and event["data"]["value"] >= 2
+                and not sent):
+            sent.append(comfy.request("/interrupt", {"prompt_id": event["data"]["prompt_id"]}))
+
+    history, events, _ = run(comfy, prompt, on_event=interrupt_at_step_two)
+    assert sent and sent[0][0] == 200
+    progress = [e["data"] for e in events if e["type"] == "progress" and e["data"]["node"] == sampler]
+    assert progress[0]["max"] == 48 and progress[-1]["value"] < 48
+    assert history["status"]["status_str"] == "error" and not history["status"]["completed"]
+    interrupted = status_messages(history)["execution_interrupted"]
+    assert interrupted["node_type"] == "IG4Sampler" and "execution_error" not in status_messages(history)
+    assert node_id_of(prompt, "SaveImage") not in history["outputs"]
+
+
+def test_a_missing_model_file_is_an_actionable_error(comfy, object_info, demo_models):
+    """A model listed in the folder but unreadable at run time (a symlink whose target moved away) fails in our
+    loader with a message that names the file and says where to put it."""
+    name = "ideogram4-moved-away.gguf"
+    link = comfy.base_dir / "models" / "diffusion_models" / name
+    link.symlink_to(comfy.base_dir / "elsewhere" / name)
+    try:
+        prompt = for_tiny_models(convert(load(SHIPPED[0]), object_info), tiny_files(demo_models), seed=3000)
+        prompt[node_id_of(prompt, "IG4ModelLoader")]["inputs"]["dit_name"] = name
+        history, _, _ = run(comfy, prompt)
+    finally:
+        link.unlink()
+    assert history["status"]["status_str"] == "error"
+    error = status_messages(history)["execution_error"]
+    assert error["node_type"] == "IG4ModelLoader"
+    assert error["exception_type"].endswith(".errors.ModelFileError")
+    message = error["exception_message"]
+    assert name in message and "diffusion_models" in message and "Put the file there" in message
+
+
+def test_an_unknown_model_name_fails_validation(comfy, object_info, demo_models):
+    name = "ideogram4-not-downloaded.gguf"
+    prompt = for_tiny_models(convert(load(SHIPPED[0]), object_info), tiny_files(demo_models))
+    loader = node_id_of(prompt, "IG4ModelLoader")
+    prompt[loader]["inputs"]["dit_name"] = name
+    status, response = comfy.queue(prompt, uuid.uuid4().hex)
+    assert status == 400 and response["error"]["type"] == "prompt_outputs_failed_validation"
+    [error] = response["node_errors"][loader]["errors"]
+    assert error["type"] == "value_not_in_list" and name in error["details"]

@@ -1,0 +1,3 @@
+from ..nodes.fake_comfy_api import install
+
+install()
