@@ -62,8 +62,9 @@ def model_path(key: str, name: str) -> str:
     if path is None:
         base = _OWN_FOLDERS.get(key, (key,))[0]
         folders = ", ".join(folder_paths.get_folder_paths(key)) if key in folder_paths.folder_names_and_paths else base
-        raise ModelFileError(f"'{name}' was not found in the {base} folders ({folders}). Put the file there (or "
-                             "run `python -m ideogram4_gguf download --models-dir <ComfyUI>/models`) and refresh.")
+        raise ModelFileError(f"'{name}' was not found in the {base} folders ({folders}). Put the file there (the "
+                             "workflow's model list and the README's 'Model files' table give the download links) "
+                             "and refresh the page.")
     return path
 
 
