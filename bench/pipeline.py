@@ -97,6 +97,8 @@ def _parse(argv):
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto")
     parser.add_argument("--kernel", choices=["auto", "triton", "torch"], default="auto")
     parser.add_argument("--prefetch", type=int, default=1, help="units streamed ahead in the stream modes")
+    parser.add_argument("--dequant-ahead", action="store_true",
+                        help="also time Q4_K with the next Linear decoded on a side stream (bench/dequant_ahead.py)")
     parser.add_argument("--no-decode", action="store_true", help="leave the VAE decode out of the memory section")
     parser.add_argument("--cache-dir", type=Path, default=synthetic.DEFAULT_CACHE_DIR)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -489,9 +491,19 @@ def run(argv=None) -> dict:
                 streamed = {r: p.stats.bytes_copied for r, p in placement.placements.items() if p.stats}
                 if streamed:
                     result["streamed_bytes"] = streamed
-                placement.release()
                 report["steps"][fmt][mode] = result
                 _log(f"  {fmt} {mode}: {result['step_s']:.3f} s/step")
+                if fmt == "q4_k" and mode == "gpu" and args.dequant_ahead:
+                    from .dequant_ahead import DequantAhead
+
+                    ahead = DequantAhead((cond, uncond), device)
+                    result = measure_steps(cond, uncond, device, width, height, features, args.warmup, repeats,
+                                           args.seed)
+                    result["decoded_ahead"] = ahead.ahead_hits
+                    ahead.close()
+                    report["steps"][fmt]["gpu+ahead"] = result
+                    _log(f"  {fmt} gpu+ahead: {result['step_s']:.3f} s/step")
+                placement.release()
             del cond, uncond
             gc.collect()
         _compare(report)

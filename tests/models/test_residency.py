@@ -173,16 +173,18 @@ def test_release_restores_every_original_tensor_and_removes_hooks(q4_k_file):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_sampler_gives_identical_latents_in_every_mode(q4_k_file, device):
+@pytest.mark.parametrize("inference_mode", [False, True])  # ComfyUI samples under torch.inference_mode()
+def test_sampler_gives_identical_latents_in_every_mode(q4_k_file, device, inference_mode):
     cond, uncond = _branches("q4_k", q4_k_file)
     settings = sampler_settings("default", steps=3, polish_steps=1)
     features = _inputs(TINY, seed=5)[1]
     results = {}
     for mode in MEMORY_MODES:
-        placement = place_branches(cond, uncond, device, mode)
-        projected = cond.project_text(features.to(device))
-        results[mode] = sample(cond, uncond, projected, 256, 272, seed=11, settings=settings).cpu()
-        placement.release()
+        with torch.inference_mode(inference_mode):
+            placement = place_branches(cond, uncond, device, mode)
+            projected = cond.project_text(features.to(device))
+            results[mode] = sample(cond, uncond, projected, 256, 272, seed=11, settings=settings).cpu()
+            placement.release()
     assert results["gpu"].abs().max() > 0.5
     for mode, latents in results.items():
         torch.testing.assert_close(latents, results["gpu"], rtol=0, atol=0, msg=mode)
