@@ -211,12 +211,16 @@ def host_rss() -> dict[str, int | None]:
 
 @contextlib.contextmanager
 def cuda_peak(device: torch.device):
-    """Yields a dict that holds, after the block, the peak bytes allocated above the level at its start."""
+    """Yields a dict that holds, after the block, the peak bytes allocated (and reserved) above the level at its
+    start."""
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
+    base_reserved = torch.cuda.memory_reserved(device)
     torch.cuda.reset_peak_memory_stats(device)
     record = {}
     yield record
     torch.cuda.synchronize(device)
     record["peak_bytes"] = torch.cuda.max_memory_allocated(device) - base
+    # what the caching allocator took from the device (fragmentation included; the CUDA context is not in either)
+    record["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(device) - base_reserved
     record["base_bytes"] = base

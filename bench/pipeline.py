@@ -332,17 +332,22 @@ def measure_memory_cuda(cond, uncond, device, modes, sizes, text_tokens, vae, pr
         for side in sizes:
             gc.collect()
             torch.cuda.empty_cache()
-            with cuda_peak(device) as record:
+            with cuda_peak(device) as record:  # the VAE weights count: it moves in inside the measured block
                 placement = place_branches(cond, uncond, device, mode, prefetch=prefetch)
+                if vae is not None:
+                    vae.to(device)
                 features = _features(config, text_tokens, device, seed)
                 started = time.perf_counter()
                 _pipeline_once(cond, uncond, features, side, vae, seed)
                 del features
             torch.cuda.synchronize(device)
             rows.append({"mode": mode, "side": side, "measured": True, "peak_bytes": record["peak_bytes"],
+                         "peak_reserved_bytes": record["peak_reserved_bytes"],
                          "weights_on_device_bytes": placement.device_bytes, "with_decode": vae is not None,
                          "pipeline_s": time.perf_counter() - started})
             placement.release()
+            if vae is not None:
+                vae.to("cpu")
     return rows
 
 
@@ -544,7 +549,7 @@ def _compare(report):
 def _memory(report, args, device, dtype, preset, config, width, text_tokens):
     from ..models.vae import Flux2VAEConfig
 
-    vae = None if args.no_decode else _vae(preset, device, dtype)
+    vae = None if args.no_decode else _vae(preset, "cpu" if device.type == "cuda" else device, dtype)
     cond, uncond = _load_branches("q4_k", report["files"], dtype, args.kernel, device)
     cond_bytes, uncond_bytes = stored_bytes(cond), stored_bytes(uncond)
     report["model"]["stored_bytes"] = {"cond": cond_bytes, "uncond": uncond_bytes}
