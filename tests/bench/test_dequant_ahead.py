@@ -6,7 +6,6 @@ each layer handed its own weight); the overlap itself is measured on a GPU by th
 
 import pytest
 import torch
-
 from ideogram4_gguf.bench import synthetic
 from ideogram4_gguf.bench.dequant_ahead import DequantAhead
 from ideogram4_gguf.models.dit_loader import load_dit_branches

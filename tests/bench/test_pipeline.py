@@ -47,6 +47,7 @@ def test_bandwidth_and_load(report):
     assert torch_kernel["GBps"] > 0 and torch_kernel["pct_of_copy"] > 0 and torch_kernel["seconds"] > 0
     load = report["load"]
     assert 0 < load["open_s"] <= load["ready_s"] and load["warm_page_cache"] and load["mode"] == "gpu"
+    assert set(load["modes"]) == {"gpu"} and load["modes"]["gpu"]["ready_s"] == load["ready_s"]  # CPU: one mode
 
 
 def test_steps_and_breakdown(report):
