@@ -104,7 +104,7 @@ class StreamStats:
     fetches: int = 0
     bytes_copied: int = 0
     max_live_units: int = 0  # units holding device copies at the same time, as seen by the host
-    calls: list = field(default_factory=list)  # unit names in pre-hook order (the last 4096)
+    calls: list = field(default_factory=list)  # unit names in pre-hook order (the first 4096)
 
 
 class _PinnedArena:
