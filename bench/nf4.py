@@ -2,7 +2,7 @@
 
 Every plain `nn.Linear` of a dense branch (loaded on the CPU from the bf16 folder) becomes a bitsandbytes
 `Linear4bit` with quant_type "nf4" and the compute dtype of the branch; the weights are quantized when the layer
-moves to the GPU (bitsandbytes' documented way: load the bf16 weights, then `.to("cuda")`). Blocks of 64 weights
+moves to the GPU (bitsandbytes' documented way: `load_state_dict` of the float weights, then `.to("cuda")`). Blocks of 64 weights
 with an absmax each, no double quantization: the diffusers / transformers default (`bnb_4bit_use_double_quant=False`).
 At more than one token per forward bitsandbytes runs `dequantize_4bit` + `F.linear` (gguf-and-kernels.md §6.2), the
 same shape of work as our Q4_K path, which is why this is the comparison the issue asks for.
@@ -25,12 +25,8 @@ def to_nf4(branch: nn.Module, device, compute_dtype: torch.dtype) -> nn.Module:
         if type(module) is not nn.Linear:
             continue
         layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
-                                  compute_dtype=compute_dtype, compress_statistics=False, quant_type="nf4",
-                                  device="cpu")
-        layer.weight = bnb.nn.Params4bit(module.weight.data.to(torch.bfloat16), requires_grad=False,
-                                         quant_type="nf4", compress_statistics=False)
-        if module.bias is not None:
-            layer.bias = nn.Parameter(module.bias.data.to(compute_dtype), requires_grad=False)
+                                  compute_dtype=compute_dtype, compress_statistics=False, quant_type="nf4")
+        layer.load_state_dict(module.state_dict())  # the documented recipe: load the float weights, then move
         owner, _, attr = name.rpartition(".")
         setattr(branch.get_submodule(owner), attr, layer.to(device))  # quantization happens here
         del module
