@@ -1,0 +1,13 @@
+"""Run the issue-8 benchmark (bench/pipeline.py) from a source checkout: `python bench/bench_pipeline.py --help`."""
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from bench._pack import import_pack
+
+import_pack()
+from ideogram4_gguf.bench.pipeline import main
+
+if __name__ == "__main__":
+    main()

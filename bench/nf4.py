@@ -1,0 +1,40 @@
+"""NF4 (bitsandbytes) version of a DiT branch, for the benchmark's NF4 comparison only (CUDA + bitsandbytes).
+
+Every plain `nn.Linear` of a dense branch (loaded on the CPU from the bf16 folder) becomes a bitsandbytes
+`Linear4bit` with quant_type "nf4" and the compute dtype of the branch; the weights are quantized when the layer
+moves to the GPU (bitsandbytes' documented way: `load_state_dict` of the float weights, then `.to("cuda")`). Blocks of 64 weights
+with an absmax each, no double quantization: the diffusers / transformers default (`bnb_4bit_use_double_quant=False`).
+At more than one token per forward bitsandbytes runs `dequantize_4bit` + `F.linear` (gguf-and-kernels.md §6.2), the
+same shape of work as our Q4_K path, which is why this is the comparison the issue asks for.
+
+Everything else (norms, biases, the image indicator) moves to the GPU as it is. Untested here: no machine with a
+GPU ran it yet (docs/PERF.md).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def to_nf4(branch: nn.Module, device, compute_dtype: torch.dtype) -> nn.Module:
+    import bitsandbytes as bnb
+
+    device = torch.device(device)
+    for name, module in list(branch.named_modules()):
+        if type(module) is not nn.Linear:
+            continue
+        layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
+                                  compute_dtype=compute_dtype, compress_statistics=False, quant_type="nf4")
+        layer.load_state_dict(module.state_dict())  # the documented recipe: load the float weights, then move
+        owner, _, attr = name.rpartition(".")
+        setattr(branch.get_submodule(owner), attr, layer.to(device))  # quantization happens here
+        del module
+    # the rest (norm gains, biases of non-Linear modules, the image indicator) as it is
+    for owner in branch.modules():
+        if isinstance(owner, bnb.nn.Linear4bit):
+            continue
+        for key, param in list(owner._parameters.items()):
+            if param is not None and param.device != device:
+                owner._parameters[key] = nn.Parameter(param.data.to(device), requires_grad=False)
+    return branch.eval()
