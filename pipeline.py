@@ -18,6 +18,7 @@ from .errors import ModelFileError, PromptError
 from .models.dit import default_compute_dtype
 from .models.dit_loader import DiTLoadInfo, load_dit_branches
 from .models.latents import LatentNorm, tokens_to_latent_dict
+from .models.residency import MEMORY_MODES, estimate_peak_bytes, place_branches, resolve_memory_mode, stored_bytes
 from .models.text_encoder import unload_text_encoder
 from .models.text_encoder_loader import load_text_encoder
 from .models.tokenizer import MAX_PROMPT_TOKENS, encode_prompt_ids, load_qwen_tokenizer, tokenizer_from_gguf_metadata
@@ -28,7 +29,6 @@ from .sampler.presets import sampler_settings
 
 logger = logging.getLogger(__name__)
 
-MEMORY_MODES = ("auto", "gpu", "stream_uncond", "cpu_offload")
 COMPUTE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ProgressCallback = Callable[[int, int, torch.Tensor], None]
 
@@ -58,7 +58,8 @@ def resolve_dtype(dtype, device) -> torch.dtype:
 class Ideogram4Model:
     """Both DiT branches, loaded packed on the CPU (memory-mapped GGUF), and where they run.
 
-    The branches move to `device` when sampling starts (`place()`), following `memory_mode`.
+    Sampling places them on `device` in `memory_mode` (models/residency.py: both resident, the unconditional
+    branch streamed layer by layer from pinned host memory, or both streamed); `offload()` undoes it.
     """
 
     cond_branch: torch.nn.Module
@@ -66,20 +67,40 @@ class Ideogram4Model:
     info: DiTLoadInfo
     device: torch.device
     memory_mode: str = "auto"
+    placement: object = None  # residency.Placement while placed
 
-    def place(self) -> None:
-        """Put the branches where sampling needs them (idempotent)."""
-        for branch in (self.cond_branch, self.uncond_branch):
-            if branch.device != self.device:
-                branch.to(self.device)
+    def place(self, width: int = 1024, height: int = 1024, text_tokens: int = 512, free_bytes: int | None = None,
+              make_room: Callable[[int], None] | None = None):
+        """Place the branches for an image of this size (kept when the resolved mode is unchanged).
+
+        make_room(bytes): called with the computed peak before anything moves (ComfyUI frees memory there)."""
+        cond, uncond = self.cond_branch, self.uncond_branch
+        mode = resolve_memory_mode(self.memory_mode, cond, uncond, self.device, free_bytes=free_bytes, width=width,
+                                   height=height, text_tokens=text_tokens)
+        if self.placement is not None and self.placement.mode == mode:
+            return self.placement
+        self.offload()
+        if make_room is not None:
+            make_room(self.peak_bytes(mode, width, height, text_tokens))
+        self.placement = place_branches(cond, uncond, self.device, mode)
+        logger.info("Ideogram 4 DiT: %s", self.placement.summary())
+        return self.placement
+
+    def peak_bytes(self, mode: str, width: int, height: int, text_tokens: int) -> int:
+        """Computed device memory of one image in an explicit mode (docs/memory.md)."""
+        return estimate_peak_bytes(mode, self.cond_branch.config, stored_bytes(self.cond_branch),
+                                   stored_bytes(self.uncond_branch), width, height, text_tokens,
+                                   compute_dtype=self.cond_branch.compute_dtype).total
 
     def offload(self) -> None:
-        """Move the branches back to the CPU (frees device memory; packed weights stay packed)."""
-        for branch in (self.cond_branch, self.uncond_branch):
-            branch.to("cpu")
+        """Free the device copies (the packed weights stay memory-mapped on the CPU)."""
+        if self.placement is not None:
+            self.placement.release()
+            self.placement = None
 
     def summary(self) -> str:
-        return f"{self.info.summary()}; runs on {self.device}, memory mode {self.memory_mode}"
+        where = self.placement.summary() if self.placement is not None else f"memory mode {self.memory_mode}"
+        return f"{self.info.summary()}; runs on {self.device}, {where}"
 
     def __repr__(self):  # ComfyUI shows node inputs in error reports: one line, not two module trees
         return f"Ideogram4Model({self.summary()})"
@@ -87,7 +108,11 @@ class Ideogram4Model:
 
 def load_model(path, uncond_path=None, *, compute_dtype="auto", kernel="auto", memory_mode="auto",
                device=None) -> Ideogram4Model:
-    """Load both DiT branches from a two-branch file (or a cond file + `uncond_path`); see docs/dit.md."""
+    """Load both DiT branches from a two-branch file (or a cond file + `uncond_path`); see docs/dit.md.
+
+    memory_mode: one of MEMORY_MODES ("auto", "gpu", "stream_uncond", "cpu_offload"; docs/memory.md)."""
+    if memory_mode not in MEMORY_MODES:
+        raise ValueError(f"memory_mode must be one of {MEMORY_MODES}, got {memory_mode!r}")
     device = resolve_device(device)
     dtype = resolve_dtype(compute_dtype, device)
     cond, uncond, info = load_dit_branches(path, uncond_path, compute_dtype=dtype, device="cpu", kernel=kernel)
@@ -196,12 +221,13 @@ def encode_prompt(text_encoder_path, prompt: str, *, tokenizer_source=None, extr
 
 def sample_latents(model: Ideogram4Model, conditioning: TextConditioning, *, width: int, height: int, seed: int = 0,
                    batch_size: int = 1, preset: str = "default", callback: ProgressCallback | None = None,
+                   free_bytes: int | None = None, make_room: Callable[[int], None] | None = None,
                    **overrides) -> dict:
     """Sample one prompt -> our LATENT dict (docs/vae.md): `{"samples": (B, 128, H/16, W/16), "ideogram4_latent": 1}`.
 
     overrides: any `SamplerSettings` field (steps, guidance, polish_steps, polish_guidance, mu, std, terminal,
     guidance_schedule, round_t); None keeps the preset's value. callback(step, total, x0_tokens) after each step;
-    an exception it raises stops sampling (interruption).
+    an exception it raises stops sampling (interruption). free_bytes / make_room: see `Ideogram4Model.place`.
     """
     settings = sampler_settings(preset, **overrides)
     grid = token_grid(width, height)
@@ -212,7 +238,7 @@ def sample_latents(model: Ideogram4Model, conditioning: TextConditioning, *, wid
             f"The text features are {features.shape[-1]} wide but this DiT expects {expected}: the text encoder "
             f"({conditioning.encoder_file or 'unknown file'}) does not belong to this Ideogram 4 model."
         )
-    model.place()
+    model.place(width, height, conditioning.token_count, free_bytes=free_bytes, make_room=make_room)
     projected = model.cond_branch.project_text(features.to(model.device))
     tokens = sample(model.cond_branch, model.uncond_branch, projected, width, height, seed=int(seed),
                     batch_size=batch_size, settings=settings, callback=callback)

@@ -122,8 +122,8 @@ def make_room(bytes_needed: int, device: torch.device) -> None:
 
 
 class _Holder(torch.nn.Module):
-    """Our modules under one parent for ComfyUI's ModelPatcher, which tags the module it holds with bookkeeping
-    attributes, `device` among them (a read-only property on the DiT and the text encoder)."""
+    """Our modules (or none) under one parent for ComfyUI's ModelPatcher, which tags the module it holds with
+    bookkeeping attributes, `device` among them (a read-only property on the DiT and the text encoder)."""
 
     def __init__(self, **modules):
         super().__init__()
@@ -131,31 +131,49 @@ class _Holder(torch.nn.Module):
             self.add_module(name, module)
 
 
-_patchers = weakref.WeakKeyDictionary()
+def memory_for_planning(device: torch.device) -> int | None:
+    """Device memory our models may plan with: what is free now plus what ComfyUI could free by unloading its
+    models (it does that in `make_room`). None outside ComfyUI (the layers below then ask CUDA themselves)."""
+    try:
+        import comfy.model_management as mm
+    except ImportError:
+        return None
+    if device.type == "cpu":
+        return None
+    free = int(mm.get_free_memory(device))
+    try:
+        free += sum(int(loaded.model_loaded_memory()) for loaded in mm.current_loaded_models
+                    if loaded.device == device)
+    except Exception:  # ComfyUI internals moved: plan with what is free now
+        logger.debug("could not read ComfyUI's loaded models", exc_info=True)
+    return free
 
 
-def load_for_sampling(model, activation_bytes: int) -> None:
-    """Make ComfyUI account for our DiT (so it can evict it, and evicts others for it), then place it.
+_registered = weakref.WeakKeyDictionary()
 
-    The branches are wrapped in a ComfyUI ModelPatcher once per model; `load_models_gpu` frees memory for the
-    packed weights plus the activations; ComfyUI's "unload models" later moves them back to the CPU.
-    """
+
+def track_placement(model) -> None:
+    """Tell ComfyUI's memory manager about our placed DiT, so "Unload models", "Free memory" and eviction for
+    other models release it: a ModelPatcher of the placement's device size stands for it, and unloading that
+    patcher calls `model.offload()`. (A patcher over the branches themselves would have ComfyUI move their
+    parameters, which fights the layer streaming of the memory modes.)"""
+    placement = model.placement
+    if placement is None or placement.device.type == "cpu":
+        return
     try:
         import comfy.model_management as mm
         import comfy.model_patcher
+        from comfy.patcher_extension import CallbacksMP
     except ImportError:
-        model.place()
         return
-    patcher = _patchers.get(model)
+    patcher = _registered.get(placement)
     if patcher is None:
-        container = _Holder(cond=model.cond_branch, uncond=model.uncond_branch)
-        patcher = comfy.model_patcher.ModelPatcher(container, load_device=model.device,
-                                                   offload_device=mm.unet_offload_device())
-        _patchers[model] = patcher
-    mm.load_models_gpu([patcher], memory_required=int(activation_bytes), force_full_load=True)
-    # ModelPatcher moves modules that own parameters; a packed layer without bias owns only buffers, so finish
-    # the move ourselves (idempotent, cheap when everything is already there).
-    model.place()
+        patcher = comfy.model_patcher.ModelPatcher(_Holder(), load_device=placement.device,
+                                                   offload_device=mm.unet_offload_device(),
+                                                   size=placement.device_bytes)
+        patcher.add_callback(CallbacksMP.ON_DETACH, lambda _patcher, _unpatch_all: model.offload())
+        _registered[placement] = patcher
+    mm.load_models_gpu([patcher])
 
 
 def keep_loaded(module: torch.nn.Module, device: torch.device, on_unload) -> None:

@@ -10,11 +10,6 @@ from ..sampler.presets import PRESETS, TERMINALS, sampler_settings
 from . import comfy_adapter as comfy
 from .types import CATEGORY, Ideogram4Conditioning, Ideogram4Model
 
-# Activations of one step at 1024x1024 with 512 text tokens, bf16 (docs/memory.md): what ComfyUI must leave free
-# beside the weights; scaled with the token count.
-_ACTIVATION_BYTES_PER_TOKEN = 200_000
-
-
 class IG4Sampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -77,10 +72,10 @@ class IG4Sampler(io.ComfyNode):
             terminal=terminal,
         )
         settings = sampler_settings(preset, **overrides)
-        grid = token_grid(width, height)
-        tokens = grid[0] * grid[1] * batch_size + conditioning.token_count
-        comfy.load_for_sampling(model, tokens * _ACTIVATION_BYTES_PER_TOKEN)
-        progress = comfy.SamplingProgress(settings.steps, node_id=cls.hidden.unique_id, grid=grid)
-        latent = pipeline.sample_latents(model, conditioning, width=width, height=height, seed=seed,
-                                         batch_size=batch_size, preset=preset, callback=progress, **overrides)
+        progress = comfy.SamplingProgress(settings.steps, node_id=cls.hidden.unique_id, grid=token_grid(width, height))
+        latent = pipeline.sample_latents(
+            model, conditioning, width=width, height=height, seed=seed, batch_size=batch_size, preset=preset,
+            callback=progress, free_bytes=comfy.memory_for_planning(model.device),
+            make_room=lambda needed: comfy.make_room(needed, model.device), **overrides)
+        comfy.track_placement(model)
         return io.NodeOutput(latent)

@@ -63,3 +63,24 @@ def test_dtype_and_device_resolution():
     assert pipeline.resolve_dtype(torch.float16, "cpu") == torch.float16
     with pytest.raises(ValueError, match="compute dtype"):
         pipeline.resolve_dtype("int8", "cpu")
+
+
+def test_memory_modes_give_the_same_latents(demo_models):
+    """Every memory mode runs the same maths (on the CPU the streaming copies are CPU clones)."""
+    conditioning = pipeline.encode_prompt(demo_models.text_encoder, "a red cube", device="cpu")
+    latents = {}
+    for mode in ("gpu", "stream_uncond", "cpu_offload"):
+        model = pipeline.load_model(demo_models.dit, device="cpu", memory_mode=mode)
+        asked = []
+        latents[mode] = pipeline.sample_latents(model, conditioning, width=256, height=256, seed=3, preset="turbo",
+                                                steps=2, make_room=asked.append)["samples"]
+        assert model.placement.mode == mode and mode in model.summary()
+        assert len(asked) == 1 and asked[0] > 0  # the computed peak was announced before anything moved
+        pipeline.sample_latents(model, conditioning, width=256, height=256, seed=3, preset="turbo", steps=2,
+                                make_room=asked.append)
+        assert len(asked) == 1  # same mode: the placement is kept
+        model.offload()
+        assert model.placement is None
+    assert torch.equal(latents["gpu"], latents["stream_uncond"]) and torch.equal(latents["gpu"], latents["cpu_offload"])
+    with pytest.raises(ValueError, match="memory_mode"):
+        pipeline.load_model(demo_models.dit, device="cpu", memory_mode="lowvram")
