@@ -157,6 +157,17 @@ class _AsymmetricKQuant(QuantType):
     nmax = 15
     rmin, rdelta, nstep = -1.0, 0.1, 20
 
+    def _encode_header(self, blocks):
+        """The 16 header bytes every asymmetric K-quant block starts with (d, dmin, packed 6-bit scales and mins),
+        in a fresh output array, plus the chosen levels (nb, 8, 32)."""
+        d16, dmin16, ls, lm, levels = self._encode(blocks)
+        nb = blocks.shape[0]
+        out = np.empty((nb, self.type_size), np.uint8)
+        out[:, 0:2] = d16.view(np.uint8).reshape(nb, 2)
+        out[:, 2:4] = dmin16.view(np.uint8).reshape(nb, 2)
+        out[:, 4:16] = _pack_scale_min_6bit(ls, lm)
+        return out, levels
+
     def _encode(self, blocks):
         """Shared encoder; returns (d16, dmin16, ls, lm, levels uint8 (nb, 8, 32))."""
         nb = blocks.shape[0]
@@ -199,12 +210,8 @@ class Q4_K(_AsymmetricKQuant):
     type_size = 144
 
     def quantize_blocks(self, blocks):
-        d16, dmin16, ls, lm, levels = self._encode(blocks)
+        out, levels = self._encode_header(blocks)
         nb = blocks.shape[0]
-        out = np.empty((nb, self.type_size), np.uint8)
-        out[:, 0:2] = d16.view(np.uint8).reshape(nb, 2)
-        out[:, 2:4] = dmin16.view(np.uint8).reshape(nb, 2)
-        out[:, 4:16] = _pack_scale_min_6bit(ls, lm)
         # 4 chunks of 64 weights: low nibble = sub-block 2c, high nibble = sub-block 2c + 1
         pairs = levels.reshape(nb, 4, 2, 32)
         out[:, 16:] = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(nb, 128)
@@ -227,12 +234,8 @@ class Q5_K(_AsymmetricKQuant):
     rmin, rdelta, nstep = -0.5, 0.1, 15
 
     def quantize_blocks(self, blocks):
-        d16, dmin16, ls, lm, levels = self._encode(blocks)
+        out, levels = self._encode_header(blocks)
         nb = blocks.shape[0]
-        out = np.empty((nb, self.type_size), np.uint8)
-        out[:, 0:2] = d16.view(np.uint8).reshape(nb, 2)
-        out[:, 2:4] = dmin16.view(np.uint8).reshape(nb, 2)
-        out[:, 4:16] = _pack_scale_min_6bit(ls, lm)
         # sub-block j's 5th bit sits in bit j of qh[l]
         high = (levels >> 4).astype(np.uint8)  # (nb, 8, 32)
         qh = np.zeros((nb, 32), np.uint8)
