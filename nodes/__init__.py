@@ -9,10 +9,11 @@ from . import comfy_adapter
 from .decode import IG4VAEDecode
 from .encode import IG4TextEncode
 from .json_prompt import IG4JsonPrompt
+from .latent_convert import IG4LatentToFlux2
 from .loader import IG4ModelLoader
 from .sampler import IG4Sampler
 
-NODES = [IG4ModelLoader, IG4TextEncode, IG4Sampler, IG4VAEDecode, IG4JsonPrompt]
+NODES = [IG4ModelLoader, IG4TextEncode, IG4Sampler, IG4VAEDecode, IG4JsonPrompt, IG4LatentToFlux2]
 
 
 class Ideogram4Extension(ComfyExtension):

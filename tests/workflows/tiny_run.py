@@ -16,7 +16,8 @@ from .ui_to_api import execution_order
 MODEL_FILE_INPUTS = {("IG4ModelLoader", "dit_name"): "diffusion_models",
                      ("IG4ModelLoader", "uncond_name"): "diffusion_models",
                      ("IG4TextEncode", "text_encoder"): "text_encoders",
-                     ("IG4VAEDecode", "vae_name"): "vae"}
+                     ("IG4VAEDecode", "vae_name"): "vae",
+                     ("IG4LatentToFlux2", "vae_name"): "vae"}
 NO_FILE = "(none)"
 
 

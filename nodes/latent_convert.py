@@ -1,0 +1,46 @@
+"""Ideogram4 Latent to FLUX.2: hand our LATENT to ComfyUI core's VAE Decode (or other FLUX.2-latent nodes)."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from .. import pipeline
+from ..errors import LatentFormatError
+from ..models.latents import is_ideogram4_latent, to_comfy_flux2
+from . import comfy_adapter as comfy
+from .types import CATEGORY
+
+
+class IG4LatentToFlux2(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="IG4LatentToFlux2",
+            display_name="Ideogram4 Latent to FLUX.2 (core)",
+            category=CATEGORY,
+            description="Converts an Ideogram 4 latent (token channel order, official normalisation) into ComfyUI "
+                        "core's FLUX.2 latent, normalised with the statistics of the VAE file core's VAE Decode will "
+                        "use, so core decodes the same image as VAE Decode (Ideogram4) up to float rounding.",
+            inputs=[
+                io.Latent.Input("latent", tooltip="From Ideogram4 Sampler."),
+                io.Combo.Input("vae_name", options=comfy.model_files(comfy.VAE_FOLDER),
+                               tooltip="The FLUX.2 VAE that core's VAE Decode loads (its latent statistics are "
+                                       "read from the file)."),
+            ],
+            outputs=[io.Latent.Output(display_name="latent", tooltip="A core FLUX.2 latent.")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, vae_name, **_):
+        return comfy.file_fingerprint(comfy.VAE_FOLDER, vae_name)
+
+    @classmethod
+    def execute(cls, latent, vae_name):
+        if not is_ideogram4_latent(latent):
+            raise LatentFormatError("This LATENT is not from Ideogram4 Sampler (it is probably already a core "
+                                    "FLUX.2 latent); connect the sampler's output.")
+        vae = pipeline.load_vae(comfy.model_path(comfy.VAE_FOLDER, vae_name), dtype="fp32", device="cpu")
+        if vae.latent_bn is None:
+            raise LatentFormatError(f"{vae_name} carries no latent statistics (bn.running_mean/var); core's FLUX.2 "
+                                    "VAE Decode needs ComfyUI's flux2-vae.safetensors.")
+        return io.NodeOutput(to_comfy_flux2(latent, vae.latent_bn))
