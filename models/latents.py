@@ -88,7 +88,7 @@ def load_official_latent_norm() -> LatentNorm:
         ) from exc
     if shift.shape != (128,) or scale.shape != (128,):
         raise ModelFileError(f"{LATENT_NORM_PATH} must hold 128 LATENT_SHIFT and 128 LATENT_SCALE values")
-    return LatentNorm(shift, scale, data.get("description", str(LATENT_NORM_PATH)))
+    return LatentNorm(shift, scale, data.get("source", str(LATENT_NORM_PATH)))
 
 
 def _check_channels(channels: int, norm_channels: int, what: str) -> None:
