@@ -95,50 +95,39 @@ def comfy_tokenizer_dirs() -> list[Path]:
 # Devices and memory
 
 
-def torch_device() -> torch.device:
+def _model_management():
+    """ComfyUI's comfy.model_management, or None outside ComfyUI."""
     try:
-        import comfy.model_management as mm
+        import comfy.model_management
     except ImportError:
+        return None
+    return comfy.model_management
+
+
+def torch_device() -> torch.device:
+    mm = _model_management()
+    if mm is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return mm.get_torch_device()
 
 
 def free_memory_bytes(device: torch.device) -> int | None:
-    try:
-        import comfy.model_management as mm
-    except ImportError:
-        return None
-    return int(mm.get_free_memory(device))
+    mm = _model_management()
+    return None if mm is None else int(mm.get_free_memory(device))
 
 
 def make_room(bytes_needed: int, device: torch.device) -> None:
     """Ask ComfyUI to unload its other models until `bytes_needed` are free on `device`."""
-    try:
-        import comfy.model_management as mm
-    except ImportError:
-        return
-    if device.type != "cpu":
+    mm = _model_management()
+    if mm is not None and device.type != "cpu":
         mm.free_memory(int(bytes_needed), device)
-
-
-class _Holder(torch.nn.Module):
-    """Our modules (or none) under one parent for ComfyUI's ModelPatcher, which tags the module it holds with
-    bookkeeping attributes, `device` among them (a read-only property on the DiT and the text encoder)."""
-
-    def __init__(self, **modules):
-        super().__init__()
-        for name, module in modules.items():
-            self.add_module(name, module)
 
 
 def memory_for_planning(device: torch.device) -> int | None:
     """Device memory our models may plan with: what is free now plus what ComfyUI could free by unloading its
     models (it does that in `make_room`). None outside ComfyUI (the layers below then ask CUDA themselves)."""
-    try:
-        import comfy.model_management as mm
-    except ImportError:
-        return None
-    if device.type == "cpu":
+    mm = _model_management()
+    if mm is None or device.type == "cpu":
         return None
     free = int(mm.get_free_memory(device))
     try:
@@ -149,55 +138,58 @@ def memory_for_planning(device: torch.device) -> int | None:
     return free
 
 
+class _Empty(torch.nn.Module):
+    """What our stand-in ModelPatcher holds: nothing for ComfyUI to move (it would fight our own placement)."""
+
+
+def _register(device: torch.device, size_bytes: int, on_unload):
+    """Make ComfyUI's memory manager count `size_bytes` of ours on `device` as a loaded model, so "Unload
+    models", "Free memory" and eviction for other models release it: unloading the stand-in patcher calls
+    `on_unload()`. Returns the patcher (None outside ComfyUI)."""
+    mm = _model_management()
+    if mm is None:
+        return None
+    import comfy.model_patcher
+    from comfy.patcher_extension import CallbacksMP
+
+    patcher = comfy.model_patcher.ModelPatcher(_Empty(), load_device=device, offload_device=mm.unet_offload_device(),
+                                               size=max(1, int(size_bytes)))
+    patcher.add_callback(CallbacksMP.ON_DETACH, lambda _patcher, _unpatch_all: on_unload())
+    mm.load_models_gpu([patcher])
+    return patcher
+
+
 _registered = weakref.WeakKeyDictionary()
 
 
 def track_placement(model) -> None:
-    """Tell ComfyUI's memory manager about our placed DiT, so "Unload models", "Free memory" and eviction for
-    other models release it: a ModelPatcher of the placement's device size stands for it, and unloading that
-    patcher calls `model.offload()`. (A patcher over the branches themselves would have ComfyUI move their
-    parameters, which fights the layer streaming of the memory modes.)"""
+    """Register our placed DiT (once per placement); unloading it calls `model.offload()`."""
     placement = model.placement
     if placement is None or placement.device.type == "cpu":
         return
-    try:
-        import comfy.model_management as mm
-        import comfy.model_patcher
-        from comfy.patcher_extension import CallbacksMP
-    except ImportError:
-        return
     patcher = _registered.get(placement)
     if patcher is None:
-        patcher = comfy.model_patcher.ModelPatcher(_Holder(), load_device=placement.device,
-                                                   offload_device=mm.unet_offload_device(),
-                                                   size=placement.device_bytes)
-        patcher.add_callback(CallbacksMP.ON_DETACH, lambda _patcher, _unpatch_all: model.offload())
+        patcher = _register(placement.device, placement.device_bytes, model.offload)
+        if patcher is None:
+            return
         _registered[placement] = patcher
-    mm.load_models_gpu([patcher])
+    else:
+        _model_management().load_models_gpu([patcher])  # marks it recently used
 
 
 def keep_loaded(module: torch.nn.Module, device: torch.device, on_unload) -> None:
-    """Register a module we keep between runs (a text encoder asked to stay loaded) with ComfyUI's memory
-    manager, so "Unload models" / "Free memory" / eviction release it: `on_unload()` runs when ComfyUI detaches
-    it. Outside ComfyUI nothing is registered (the caller's cache just keeps it)."""
-    try:
-        import comfy.model_management as mm
-        import comfy.model_patcher
-        from comfy.patcher_extension import CallbacksMP
-    except ImportError:
-        return
-    patcher = comfy.model_patcher.ModelPatcher(_Holder(inner=module), load_device=device,
-                                               offload_device=mm.unet_offload_device())
-    patcher.add_callback(CallbacksMP.ON_DETACH, lambda _patcher, _unpatch_all: on_unload())
-    mm.load_models_gpu([patcher], force_full_load=True)
+    """Register a module we keep between runs (a text encoder asked to stay loaded): `on_unload()` runs when
+    ComfyUI unloads it. Outside ComfyUI nothing is registered (the caller's cache just keeps it)."""
+    device = torch.device(device)
+    on_device = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers())
+                    if t.device.type == device.type)
+    _register(device, on_device, on_unload)
 
 
 def throw_if_interrupted() -> None:
-    try:
-        import comfy.model_management as mm
-    except ImportError:
-        return
-    mm.throw_exception_if_processing_interrupted()
+    mm = _model_management()
+    if mm is not None:
+        mm.throw_exception_if_processing_interrupted()
 
 
 # ---------------------------------------------------------------------------------------------------------------

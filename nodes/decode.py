@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import weakref
-
 from comfy_api.latest import io
 
 from .. import pipeline
@@ -15,7 +12,6 @@ from . import comfy_adapter as comfy
 from .types import CATEGORY
 
 TILED = ["auto", "on", "off"]
-_loaded = weakref.WeakValueDictionary()
 
 
 class IG4VAEDecode(io.ComfyNode):
@@ -49,11 +45,7 @@ class IG4VAEDecode(io.ComfyNode):
     def execute(cls, latent, vae_name, tiled="auto"):
         path = comfy.model_path(comfy.VAE_FOLDER, vae_name)
         device = comfy.torch_device()
-        key = (path, os.path.getmtime(path), str(device))
-        vae = _loaded.get(key)
-        if vae is None:
-            vae = pipeline.load_vae(path, device=device)
-            _loaded[key] = vae
+        vae = pipeline.load_vae(path, device=device)  # small (0.1 GB decoder): loaded per run, freed after
         if not is_ideogram4_latent(latent):
             if vae.latent_bn is None:
                 raise LatentFormatError(
