@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-DEMO_VERSION = 1  # bump when the set's content changes, so old caches are rebuilt
+DEMO_VERSION = 2  # bump when the set's content changes, so old caches are rebuilt
 SEED = 20260604
 
 # DiT: the real layout at width 256 (K % 256 == 0, so every linear but input_proj can be Q4_K like the published
@@ -170,29 +170,16 @@ def _write_text_encoder(path: Path, tokenizer, generator) -> None:
     """A llama.cpp-named Qwen3-VL GGUF: Q8_0 linears and embedding, F32 norms, the tokenizer in its metadata."""
     import gguf
 
+    from .models.text_encoder import Qwen3TextConfig, Qwen3TextEncoder
     from .models.text_encoder_loader import llama_cpp_name
 
     tokens, types, merges = _tokenizer_metadata(tokenizer)
-    c = TE_CONFIG
-    hidden, heads, kv_heads, head_dim = c["hidden_size"], c["num_heads"], c["num_kv_heads"], c["head_dim"]
-    shapes = {"embed_tokens.weight": (len(tokens), hidden)}
-    for i in range(c["num_layers"]):
-        shapes.update({
-            f"layers.{i}.input_layernorm.weight": (hidden,),
-            f"layers.{i}.post_attention_layernorm.weight": (hidden,),
-            f"layers.{i}.self_attn.q_norm.weight": (head_dim,),
-            f"layers.{i}.self_attn.k_norm.weight": (head_dim,),
-            f"layers.{i}.self_attn.q_proj.weight": (heads * head_dim, hidden),
-            f"layers.{i}.self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
-            f"layers.{i}.self_attn.v_proj.weight": (kv_heads * head_dim, hidden),
-            f"layers.{i}.self_attn.o_proj.weight": (hidden, heads * head_dim),
-            f"layers.{i}.mlp.gate_proj.weight": (c["intermediate_size"], hidden),
-            f"layers.{i}.mlp.up_proj.weight": (c["intermediate_size"], hidden),
-            f"layers.{i}.mlp.down_proj.weight": (hidden, c["intermediate_size"]),
-        })
+    config = Qwen3TextConfig(vocab_size=len(tokens), **TE_CONFIG)
+    with torch.device("meta"):
+        shapes = {n: tuple(p.shape) for n, p in Qwen3TextEncoder(config).named_parameters()}
     partial = path.with_suffix(path.suffix + ".partial")
     writer = gguf.GGUFWriter(partial, "qwen3vl")
-    writer.add_float32("qwen3vl.rope.freq_base", c["rope_theta"])
+    writer.add_float32("qwen3vl.rope.freq_base", config.rope_theta)
     writer.add_float32("qwen3vl.attention.layer_norm_rms_epsilon", 1e-6)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("qwen2")
