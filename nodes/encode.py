@@ -71,8 +71,8 @@ class IG4TextEncode(io.ComfyNode):
             comfy_dirs = comfy.comfy_tokenizer_dirs()
             if tokenizer == "comfyui":
                 if not comfy_dirs:
-                    raise ModelFileError("ComfyUI's bundled Qwen tokenizer (comfy/text_encoders/"
-                                                  "qwen25_tokenizer) was not found; use tokenizer 'auto'.")
+                    raise ModelFileError("ComfyUI's bundled Qwen tokenizer (comfy/text_encoders/qwen25_tokenizer) "
+                                         "was not found; use tokenizer 'auto'.")
                 tok = pipeline.load_tokenizer(tokenizer_source=comfy_dirs[0])
             else:
                 tok = pipeline.load_tokenizer(path, encoder=encoder, extra_search_dirs=comfy_dirs)
