@@ -55,12 +55,18 @@ class Clock:
 
 
 class Breakdown:
-    """Context manager that wraps the dequant / GEMM / attention functions; records while `active` is True."""
+    """Context manager that wraps the dequant / GEMM / attention functions; records while `active` is True.
+
+    Calls can nest (bitsandbytes' fused `matmul_4bit` may itself call `dequantize_4bit` and `F.linear`): each
+    category gets the time of its calls minus the time of the wrapped calls inside them, so nothing is counted
+    twice and the three categories never add up to more than the step.
+    """
 
     def __init__(self, clock: Clock):
         self.clock = clock
         self.active = False
-        self.pairs = {c: [] for c in CATEGORIES}
+        self.records = []  # (category, start, end, [(start, end) of the wrapped calls directly inside])
+        self._open = []  # children lists of the wrapped calls in progress, innermost last
         self._restore = []
 
     def _wrap(self, owner, name, category):
@@ -69,9 +75,17 @@ class Breakdown:
         def timed(*args, **kwargs):
             if not self.active:
                 return original(*args, **kwargs)
+            children = []
+            self._open.append(children)
             start = self.clock.mark()
-            result = original(*args, **kwargs)
-            self.pairs[category].append((start, self.clock.mark()))
+            try:
+                result = original(*args, **kwargs)
+            finally:
+                end = self.clock.mark()
+                self._open.pop()
+            self.records.append((category, start, end, children))
+            if self._open:
+                self._open[-1].append((start, end))
             return result
 
         setattr(owner, name, timed)
@@ -83,11 +97,15 @@ class Breakdown:
         self._wrap(F, "linear", "gemm")
         self._wrap(F, "scaled_dot_product_attention", "attention")
         try:
+            import bitsandbytes
             import bitsandbytes.functional as bnb_functional
         except Exception:  # noqa: BLE001  (not installed, or no usable backend: its import raises anything)
-            bnb_functional = None
-        if bnb_functional is not None:
+            bitsandbytes = None
+        if bitsandbytes is not None:
             self._wrap(bnb_functional, "dequantize_4bit", "dequant")
+            # Linear4bit.forward calls bnb.matmul_4bit; since bitsandbytes 0.49 its inference path is one fused
+            # op (torch.ops.bitsandbytes.gemm_4bit) that decodes and multiplies: counted as GEMM, dequant inside
+            self._wrap(bitsandbytes, "matmul_4bit", "gemm")
         return self
 
     def __exit__(self, *exc):
@@ -97,11 +115,18 @@ class Breakdown:
         self.active = False
 
     def seconds(self) -> dict[str, float]:
-        """Summed time per category (after `clock.sync()`)."""
-        return {c: sum(self.clock.seconds(a, b) for a, b in pairs) for c, pairs in self.pairs.items()}
+        """Summed exclusive time per category (after `clock.sync()`)."""
+        totals = dict.fromkeys(CATEGORIES, 0.0)
+        for category, start, end, children in self.records:
+            inner = sum(self.clock.seconds(a, b) for a, b in children)
+            totals[category] += max(self.clock.seconds(start, end) - inner, 0.0)
+        return totals
 
     def counts(self) -> dict[str, int]:
-        return {c: len(pairs) for c, pairs in self.pairs.items()}
+        counts = dict.fromkeys(CATEGORIES, 0)
+        for category, *_ in self.records:
+            counts[category] += 1
+        return counts
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -119,16 +144,20 @@ def random_q4_k(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(data.reshape(rows, -1))
 
 
-def _median_seconds(fn, clock: Clock, repeats: int) -> float:
+def _median_seconds(fn, clock: Clock, repeats: int, inner: int = 1) -> float:
+    """Median over `repeats` of the time of `inner` back-to-back calls, divided by `inner`. On a GPU several calls
+    between two events keep the device busy while the host launches the next one, so a short kernel is timed
+    without the launch latency of the first call."""
     fn()
     clock.sync()
     times = []
     for _ in range(repeats):
         start = clock.mark()
-        fn()
+        for _ in range(inner):
+            fn()
         end = clock.mark()
         clock.sync()
-        times.append(clock.seconds(start, end))
+        times.append(clock.seconds(start, end) / inner)
     return statistics.median(times)
 
 
@@ -140,24 +169,50 @@ def dequant_kernels(device: torch.device) -> dict:
     return kernels
 
 
+# Launch shapes of the Triton kernel tried by the sweep: (GGUF blocks per program, warps per program).
+TRITON_LAUNCHES = tuple((blocks, warps) for blocks in (2, 4, 8, 16, 32) for warps in (2, 4, 8))
+
+
 def dequant_bandwidth(device: torch.device, dtype: torch.dtype, rows: int = 12288, cols: int = 4608,
-                      repeats: int = 5) -> dict:
+                      repeats: int = 5, sweep: bool = True) -> dict:
     """GB/s of each Q4_K dequant kernel (packed bytes read + output bytes written) and of a device copy of the
-    output size (bytes read + written), measured back to back."""
+    output size (bytes read + written), measured back to back. With `sweep` (and the Triton kernel available)
+    every launch shape of TRITON_LAUNCHES is timed too, so a GPU run tells which default to keep; each shape's
+    output is checked equal to the default's first."""
     clock = Clock(device)
+    inner = 10 if clock.cuda else 1
     packed = random_q4_k(rows, cols).to(device)
     out_bytes = rows * cols * torch.empty(0, dtype=dtype).element_size()
     src = torch.empty(out_bytes, dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
-    copy_s = _median_seconds(lambda: dst.copy_(src), clock, repeats)
+    copy_s = _median_seconds(lambda: dst.copy_(src), clock, repeats, inner)
     copy_gbps = 2 * out_bytes / copy_s / 1e9
     result = {"weights": rows * cols, "packed_bytes": packed.numel(), "out_bytes": out_bytes,
               "out_dtype": str(dtype).replace("torch.", ""), "copy_s": copy_s, "copy_GBps": copy_gbps, "kernels": {}}
-    for name, kernel in dequant_kernels(device).items():
-        seconds = _median_seconds(lambda k=kernel: k(packed, (rows, cols), dtype), clock, repeats)
+
+    def measure(kernel):
+        seconds = _median_seconds(lambda: kernel(packed, (rows, cols), dtype), clock, repeats, inner)
         gbps = (packed.numel() + out_bytes) / seconds / 1e9
-        result["kernels"][name] = {"seconds": seconds, "GBps": gbps, "pct_of_copy": 100.0 * gbps / copy_gbps,
-                                   "Mweights_per_s": rows * cols / seconds / 1e6}
+        return {"seconds": seconds, "GBps": gbps, "pct_of_copy": 100.0 * gbps / copy_gbps,
+                "Mweights_per_s": rows * cols / seconds / 1e6}
+
+    kernels = dequant_kernels(device)
+    for name, kernel in kernels.items():
+        result["kernels"][name] = measure(kernel)
+    if sweep and "triton" in kernels:
+        reference = kernels["triton"](packed, (rows, cols), dtype)
+        launches = []
+        for blocks, warps in TRITON_LAUNCHES:
+            def kernel(p, shape, dt, blocks=blocks, warps=warps):
+                return triton_dequant.dequantize(p, Q.Q4_K, shape, dt, blocks_per_program=blocks, num_warps=warps)
+
+            if not torch.equal(kernel(packed, (rows, cols), dtype), reference):
+                raise AssertionError(f"Triton launch {blocks} blocks x {warps} warps decodes differently")
+            launches.append({"blocks_per_program": blocks, "num_warps": warps, **measure(kernel)})
+        best = max(launches, key=lambda row: row["GBps"])
+        result["triton_launches"] = launches
+        result["kernels"]["triton (best launch)"] = {
+            **{k: v for k, v in best.items()}, "default": (triton_dequant.BLOCKS_PER_PROGRAM, triton_dequant.NUM_WARPS)}
     return result
 
 

@@ -18,7 +18,10 @@ import warnings
 import torch
 from gguf import GGMLQuantizationType as Q
 
+# Launch shape: GGUF blocks decoded by one program (a power of two) and warps per program. Defaults chosen without a
+# GPU; `bench/bench_pipeline.py --sections bandwidth` sweeps both on the device it runs on (docs/PERF.md).
 BLOCKS_PER_PROGRAM = 8
+NUM_WARPS = 4
 
 
 def available() -> bool:
@@ -38,6 +41,8 @@ def can_run(packed: torch.Tensor, qtype, kernel: str = "auto") -> bool:
     reason = None
     if Q(qtype) not in _KERNEL_NAMES:
         reason = f"no Triton kernel for {Q(qtype).name}"
+    elif packed.numel() * 2 >= 2**31:
+        reason = "tensor too large for the kernels' 32-bit offsets"
     elif not (packed.is_cuda or _interpreting()):
         reason = f"tensor is on {packed.device}, Triton kernels run on CUDA"
     elif not available():
@@ -47,17 +52,23 @@ def can_run(packed: torch.Tensor, qtype, kernel: str = "auto") -> bool:
     return reason is None
 
 
-def dequantize(packed: torch.Tensor, qtype, shape, dtype=torch.float32) -> torch.Tensor:
+def dequantize(packed: torch.Tensor, qtype, shape, dtype=torch.float32, *, blocks_per_program: int | None = None,
+               num_warps: int | None = None) -> torch.Tensor:
+    """Decode `packed` (GGUF blocks of `qtype`, contiguous) into a new tensor of `shape` and `dtype`."""
     qtype = Q(qtype)
+    blocks_per_program = blocks_per_program or BLOCKS_PER_PROGRAM
+    if blocks_per_program & (blocks_per_program - 1):
+        raise ValueError(f"blocks_per_program must be a power of two, got {blocks_per_program}")
     n_weights = math.prod(shape)
     block_size = 32 if qtype == Q.Q8_0 else 256
     n_blocks = n_weights // block_size
     out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
     kernel = _kernels()[qtype]
-    grid = (-(-n_blocks // BLOCKS_PER_PROGRAM),)
+    grid = (-(-n_blocks // blocks_per_program),)
     out_bf16 = dtype == torch.bfloat16
     target = out.view(torch.int16) if out_bf16 else out
-    kernel[grid](packed.reshape(-1), target.reshape(-1), n_blocks, BLOCKS=BLOCKS_PER_PROGRAM, OUT_BF16=out_bf16)
+    kernel[grid](packed.reshape(-1), target.reshape(-1), n_blocks, BLOCKS=blocks_per_program, OUT_BF16=out_bf16,
+                 num_warps=num_warps or NUM_WARPS)
     return out
 
 

@@ -40,3 +40,23 @@ def test_kernel_selection(monkeypatch):
     assert not triton_dequant.can_run(cpu_packed, Q.Q5_K)  # no kernel for the type
     with pytest.warns(UserWarning, match="'triton' requested"):
         triton_dequant.can_run(torch.zeros(1, 176, dtype=torch.uint8), Q.Q5_K, kernel="triton")
+
+
+def test_launch_shapes_decode_the_same(interpreter, rng):
+    # the benchmark sweeps blocks-per-program and warps; every shape must decode the same bits
+    rows, cols = 3, 2560  # 30 super-blocks: a partial last program for every shape below
+    packed = torch.from_numpy(random_blocks(Q.Q4_K, rows, cols, rng))
+    ref = torch.from_numpy(quants.dequantize(packed.numpy(), Q.Q4_K)).to(torch.bfloat16)
+    for blocks, warps in ((1, 1), (2, 2), (4, 8), (16, 4), (32, 2)):
+        out = triton_dequant.dequantize(packed, Q.Q4_K, (rows, cols), torch.bfloat16, blocks_per_program=blocks,
+                                        num_warps=warps)
+        assert torch.equal(out, ref), (blocks, warps)
+    with pytest.raises(ValueError, match="power of two"):
+        triton_dequant.dequantize(packed, Q.Q4_K, (rows, cols), torch.bfloat16, blocks_per_program=12)
+
+
+def test_tensors_past_32_bit_offsets_use_the_torch_decoder(interpreter):
+    # the kernels index with int32: a tensor whose decode would pass 2**31 weights is left to torch
+    huge = torch.zeros(1, dtype=torch.uint8).expand(2**30)  # 1 GiB of "packed bytes", no memory behind it
+    assert not triton_dequant.can_run(huge, Q.Q4_K)
+    assert triton_dequant.can_run(huge[: 2**29], Q.Q4_K)

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Run ON THE GPU MACHINE, in the repository root: the issue-8 measurements in the order they matter, each stage's
+# output written to $OUT as soon as it ends, so a call cut short by its time limit still returns what finished.
+#
+#   bash bench/gpu/session.sh [STAGE ...]      stages: env tests bandwidth q4k dense memory   (default: all)
+#
+# Typical device call (bench/gpu/wheels.sh first, here):
+#   run(command="timeout 570 bash bench/gpu/session.sh", carry=[".whl"], timeout_s=600)
+# then, if stages are missing, a second call with just those (the synthetic model files stay cached under
+# $IDEOGRAM4_BENCH_CACHE only while the machine is warm: 30 s after a call).
+#
+# Stage times expected on an H100 (computed, not measured): env+tests ~2 min, bandwidth ~1 min (15 launch
+# shapes to compile), q4k ~3 min (builds the 10.4 GB GGUF once), dense ~4 min (writes the 37 GB bf16 folder once,
+# quantizes NF4), memory ~2 min.
+set -u
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PY:-python3}
+stages=("$@")
+[ ${#stages[@]} -gt 0 ] || stages=(env tests bandwidth q4k dense memory)
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+stage() {  # stage NAME COMMAND...: run it, tee its log into $OUT, record its wall time and exit status
+    local name=$1; shift
+    local started=$SECONDS
+    echo "=== $name: $*"
+    "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name: rc $rc in $((SECONDS - started)) s" | tee -a "$OUT/stages.txt"
+}
+
+bench() { $PY bench/bench_pipeline.py "$@"; }
+
+for s in "${stages[@]}"; do
+    case $s in
+        env) stage env bash -c "nvidia-smi; $PY -c 'import torch, triton, gguf; print(torch.__version__, \
+torch.version.cuda, torch.cuda.get_device_name(), triton.__version__)'; $PY -c 'import bitsandbytes as b; \
+print(\"bitsandbytes\", b.__version__)'; df -h . /tmp ~; free -g; nproc" ;;
+        tests) stage tests $PY -m pytest -q -p no:cacheprovider -rs tests/ops/test_cuda_kernels.py \
+            tests/ops/test_dequant.py tests/ops/test_linear.py tests/ops/test_triton_dequant.py \
+            tests/models/test_residency.py tests/bench ;;
+        bandwidth) stage bandwidth bench --sections bandwidth --formats q4_k --json "$OUT/bandwidth.json" ;;
+        q4k) stage q4k bench --sections load steps --formats q4_k --dequant-ahead --json "$OUT/q4k.json" ;;
+        # the baseline in the same run: Q4_K resident next to bf16 dense and NF4
+        dense) stage dense bench --sections steps --formats q4_k bf16 nf4 --modes gpu --json "$OUT/dense.json" ;;
+        memory) stage memory bench --sections memory --formats q4_k --json "$OUT/memory.json" ;;
+        *) echo "unknown stage $s (env tests bandwidth q4k dense memory)"; exit 2 ;;
+    esac
+done
+cat "$OUT/stages.txt"

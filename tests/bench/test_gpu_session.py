@@ -1,0 +1,45 @@
+"""bench/gpu/session.sh, the script a lent GPU machine runs: it must name files that exist and bench options
+that parse, because a mistake there is found only on the GPU machine, where every minute counts."""
+
+import pathlib
+import re
+import shlex
+import shutil
+import subprocess
+
+import pytest
+from ideogram4_gguf.bench import pipeline
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "bench" / "gpu" / "session.sh"
+TEXT = SCRIPT.read_text()
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+def test_script_is_valid_bash():
+    subprocess.run(["bash", "-n", str(SCRIPT)], check=True)
+
+
+def test_named_test_files_exist():
+    named = re.findall(r"\btests/[\w/.]+", TEXT)
+    assert "tests/ops/test_cuda_kernels.py" in named
+    for path in named:
+        assert (ROOT / path).exists(), path
+
+
+def test_bench_stages_parse(tmp_path):
+    stages = re.findall(r"^\s*(\w+)\) stage \w+ bench (.+?) ;;$", TEXT, flags=re.M)
+    assert {name for name, _ in stages} == {"bandwidth", "q4k", "dense", "memory"}
+    for name, args in stages:
+        argv = shlex.split(args.replace("$OUT", str(tmp_path)))
+        parsed = pipeline._parse(argv)
+        assert parsed.json == tmp_path / f"{name}.json"
+    dense = pipeline._parse(shlex.split(dict(stages)["dense"].replace("$OUT", str(tmp_path))))
+    assert set(dense.formats) == {"q4_k", "bf16", "nf4"}  # the baselines run beside Q4_K in one run
+
+
+def test_unknown_stage_is_refused(tmp_path):
+    run = subprocess.run(["bash", str(SCRIPT), "nonsense"], cwd=tmp_path, capture_output=True, text=True,
+                         env={"OUT": str(tmp_path / "out"), "PATH": "/usr/bin:/bin"})
+    assert run.returncode == 2 and "unknown stage nonsense" in run.stdout
