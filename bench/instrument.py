@@ -31,6 +31,7 @@ from ..ops import Fp8Linear, QuantLinear, triton_dequant
 from ..ops import dequantize as torch_dequantize
 
 CATEGORIES = ("dequant", "gemm", "attention")
+FUSED_4BIT = "bitsandbytes matmul_4bit"  # resolved to dequant or gemm per call (Breakdown._category)
 
 
 class Clock:
@@ -103,9 +104,10 @@ class Breakdown:
             bitsandbytes = None
         if bitsandbytes is not None:
             self._wrap(bnb_functional, "dequantize_4bit", "dequant")
-            # Linear4bit.forward calls bnb.matmul_4bit; since bitsandbytes 0.49 its inference path is one fused
-            # op (torch.ops.bitsandbytes.gemm_4bit) that decodes and multiplies: counted as GEMM, dequant inside
-            self._wrap(bitsandbytes, "matmul_4bit", "gemm")
+            # Linear4bit.forward calls bnb.matmul_4bit. In bitsandbytes 0.50 that is one op,
+            # torch.ops.bitsandbytes.gemm_4bit: a fused decode-and-multiply kernel (CPU; small batches on CUDA),
+            # or a decode followed by F.linear (large batches on CUDA). See _category.
+            self._wrap(bitsandbytes, "matmul_4bit", FUSED_4BIT)
         return self
 
     def __exit__(self, *exc):
@@ -114,18 +116,26 @@ class Breakdown:
         self._restore = []
         self.active = False
 
+    @staticmethod
+    def _category(category, children) -> str:
+        # bitsandbytes' 4-bit matmul: with an F.linear inside, what remains of it is the decode; without, it is
+        # one fused kernel, counted as GEMM (its decode cannot be told apart)
+        if category == FUSED_4BIT:
+            return "dequant" if children else "gemm"
+        return category
+
     def seconds(self) -> dict[str, float]:
         """Summed exclusive time per category (after `clock.sync()`)."""
         totals = dict.fromkeys(CATEGORIES, 0.0)
         for category, start, end, children in self.records:
             inner = sum(self.clock.seconds(a, b) for a, b in children)
-            totals[category] += max(self.clock.seconds(start, end) - inner, 0.0)
+            totals[self._category(category, children)] += max(self.clock.seconds(start, end) - inner, 0.0)
         return totals
 
     def counts(self) -> dict[str, int]:
         counts = dict.fromkeys(CATEGORIES, 0)
-        for category, *_ in self.records:
-            counts[category] += 1
+        for category, _, _, children in self.records:
+            counts[self._category(category, children)] += 1
         return counts
 
 

@@ -8,7 +8,7 @@
 What it does, in order (every part on the same device, in the same process):
 1. builds (or finds in --cache-dir) a synthetic model of the chosen size in each format: the two-branch Q4_K GGUF
    (bench/synthetic.py), the bf16 dense folder decoded from it (if the disk allows), NF4 quantized at load from the
-   bf16 weights by bitsandbytes (only with CUDA and bitsandbytes);
+   bf16 weights by bitsandbytes (when installed; on a CPU it needs >= 0.48);
 2. bandwidth: Q4_K dequant kernels vs a device copy of the same output size;
 3. load: GGUF open + model ready (`load_dit_branches` on the CPU, then `place_branches` on the device) after
    reading the file once, so the page cache is warm;
