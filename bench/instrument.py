@@ -179,16 +179,18 @@ def dequant_kernels(device: torch.device) -> dict:
     return kernels
 
 
-# Launch shapes of the Triton kernel tried by the sweep: (GGUF blocks per program, warps per program).
-TRITON_LAUNCHES = tuple((blocks, warps) for blocks in (2, 4, 8, 16, 32) for warps in (2, 4, 8))
+# Triton Q4_K kernels and launch shapes tried by the sweep: (kernel variant, GGUF blocks per program, warps per
+# program); variant None is the default kernel, "gather" the first one (ops/_triton_kernels.py).
+TRITON_LAUNCHES = tuple((variant, blocks, warps) for variant in (None, "gather") for blocks in (2, 4, 8, 16, 32)
+                        for warps in (2, 4, 8))
 
 
 def dequant_bandwidth(device: torch.device, dtype: torch.dtype, rows: int = 12288, cols: int = 4608,
                       repeats: int = 5, sweep: bool = True) -> dict:
     """GB/s of each Q4_K dequant kernel (packed bytes read + output bytes written) and of a device copy of the
     output size (bytes read + written), measured back to back. With `sweep` (and the Triton kernel available)
-    every launch shape of TRITON_LAUNCHES is timed too, so a GPU run tells which default to keep; each shape's
-    output is checked equal to the default's first."""
+    every kernel variant and launch shape of TRITON_LAUNCHES is timed too, so a GPU run tells which default to
+    keep; each one's output is checked equal to the default's first."""
     clock = Clock(device)
     inner = 10 if clock.cuda else 1
     packed = random_q4_k(rows, cols).to(device)
@@ -212,17 +214,20 @@ def dequant_bandwidth(device: torch.device, dtype: torch.dtype, rows: int = 1228
     if sweep and "triton" in kernels:
         reference = kernels["triton"](packed, (rows, cols), dtype)
         launches = []
-        for blocks, warps in TRITON_LAUNCHES:
-            def kernel(p, shape, dt, blocks=blocks, warps=warps):
-                return triton_dequant.dequantize(p, Q.Q4_K, shape, dt, blocks_per_program=blocks, num_warps=warps)
+        for variant, blocks, warps in TRITON_LAUNCHES:
+            def kernel(p, shape, dt, variant=variant, blocks=blocks, warps=warps):
+                return triton_dequant.dequantize(p, Q.Q4_K, shape, dt, blocks_per_program=blocks, num_warps=warps,
+                                                 variant=variant)
 
             if not torch.equal(kernel(packed, (rows, cols), dtype), reference):
-                raise AssertionError(f"Triton launch {blocks} blocks x {warps} warps decodes differently")
-            launches.append({"blocks_per_program": blocks, "num_warps": warps, **measure(kernel)})
+                raise AssertionError(f"Triton {variant or 'default'} kernel, {blocks} blocks x {warps} warps, "
+                                     "decodes differently")
+            launches.append({"variant": variant or "default", "blocks_per_program": blocks, "num_warps": warps,
+                             **measure(kernel)})
         best = max(launches, key=lambda row: row["GBps"])
         result["triton_launches"] = launches
         result["kernels"]["triton (best launch)"] = {
-            **{k: v for k, v in best.items()}, "default": (triton_dequant.BLOCKS_PER_PROGRAM, triton_dequant.NUM_WARPS)}
+            **best, "default": ("default", triton_dequant.BLOCKS_PER_PROGRAM, triton_dequant.NUM_WARPS)}
     return result
 
 

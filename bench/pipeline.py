@@ -656,8 +656,10 @@ def table(report) -> str:
                          f"({v['Mweights_per_s']:.0f} M weights/s)" for k, v in bw["kernels"].items()))
         if bw.get("triton_launches"):
             best = bw["kernels"]["triton (best launch)"]
-            lines.append(f"  Triton launch sweep ({len(bw['triton_launches'])} shapes): best {best['blocks_per_program']} "
-                         f"blocks x {best['num_warps']} warps; default {best['default'][0]} x {best['default'][1]}")
+            default = best["default"]
+            lines.append(f"  Triton sweep ({len(bw['triton_launches'])} kernel x launch shapes): best {best['variant']} "
+                         f"kernel, {best['blocks_per_program']} blocks x {best['num_warps']} warps, "
+                         f"{best['pct_of_copy']:.0f} % of copy; shipped: {default[0]}, {default[1]} x {default[2]}")
     load = report["load"]
     if load:
         ready = ", ".join(f"{mode} {r['ready_s']:.2f} s" for mode, r in load["modes"].items())

@@ -25,25 +25,54 @@ def store(ptr, w, mask, OUT_BF16: tl.constexpr):
 
 
 @triton.jit
+def q4_k_scale_min(base, j, mask):
+    # 6-bit scale and min of sub-block j (any shape of indices), gguf-and-kernels.md §3.1, as float32 (exact)
+    s_j = tl.load(base + 4 + j, mask=mask, other=0).to(tl.int32)
+    s_j4 = tl.load(base + 8 + j, mask=mask, other=0).to(tl.int32)
+    s_jm4 = tl.load(base + tl.where(j < 4, j, j - 4) + 4, mask=mask, other=0).to(tl.int32)
+    sc = tl.where(j < 4, s_j & 63, (s_j4 & 15) | ((s_jm4 >> 6) << 4))
+    m = tl.where(j < 4, s_j4 & 63, (s_j4 >> 4) | ((s_j >> 6) << 4))
+    return sc.to(tl.float32), m.to(tl.float32)
+
+
+@triton.jit
 def q4_k(src, dst, n_blocks, BLOCKS: tl.constexpr, OUT_BF16: tl.constexpr):
+    # Laid out as the data is: (block, chunk c of 32 bytes, byte i). Byte i of chunk c holds weight c*64 + i in its
+    # low nibble (sub-block 2c) and weight c*64 + 32 + i in its high nibble (sub-block 2c + 1), so the 32 bytes
+    # are read as one contiguous run, each scale pair once per sub-block, and each half is stored as 32
+    # contiguous outputs.
+    block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)[:, None, None]
+    c = tl.arange(0, 4)[None, :, None]
+    i = tl.arange(0, 32)[None, None, :]
+    mask = block < n_blocks
+    base = src + block * 144
+    d = f16_at(base, mask)
+    dmin = f16_at(base + 2, mask)
+    sc_low, m_low = q4_k_scale_min(base, 2 * c, mask)
+    sc_high, m_high = q4_k_scale_min(base, 2 * c + 1, mask)
+    byte = tl.load(base + 16 + c * 32 + i, mask=mask, other=0).to(tl.int32)
+    out = dst + block * 256 + c * 64 + i
+    # every product is exact in float32 (f16 x 6 bits x 4 bits), so fused or not, one rounding: the subtraction
+    store(out, (d * sc_low) * (byte & 15).to(tl.float32) - dmin * m_low, mask, OUT_BF16)
+    store(out + 32, (d * sc_high) * (byte >> 4).to(tl.float32) - dmin * m_high, mask, OUT_BF16)
+
+
+@triton.jit
+def q4_k_gather(src, dst, n_blocks, BLOCKS: tl.constexpr, OUT_BF16: tl.constexpr):
+    # The first Q4_K kernel, one output weight per element with its bytes gathered by index; kept only as the
+    # benchmark's comparison until a GPU run picks between the two (docs/PERF.md).
     block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)[:, None]
     i = tl.arange(0, 256)[None, :]
     mask = block < n_blocks
     base = src + block * 144
     d = f16_at(base, mask)
     dmin = f16_at(base + 2, mask)
-    # 6-bit sub-block scale and min of weight i (sub-block j = i // 32), gguf-and-kernels.md §3.1
-    j = i // 32
-    s_j = tl.load(base + 4 + j, mask=mask, other=0).to(tl.int32)
-    s_j4 = tl.load(base + 8 + j, mask=mask, other=0).to(tl.int32)
-    s_jm4 = tl.load(base + tl.where(j < 4, j, j - 4) + 4, mask=mask, other=0).to(tl.int32)
-    sc = tl.where(j < 4, s_j & 63, (s_j4 & 15) | ((s_jm4 >> 6) << 4))
-    m = tl.where(j < 4, s_j4 & 63, (s_j4 >> 4) | ((s_j >> 6) << 4))
+    sc, m = q4_k_scale_min(base, i // 32, mask)
     # chunk c = i // 64 of 32 bytes: low nibbles are weights 0..31 of it, high nibbles 32..63
     within = i % 64
     byte = tl.load(base + 16 + (i // 64) * 32 + within % 32, mask=mask, other=0).to(tl.int32)
     q = tl.where(within < 32, byte & 15, byte >> 4).to(tl.float32)
-    w = (d * sc.to(tl.float32)) * q - dmin * m.to(tl.float32)
+    w = (d * sc) * q - dmin * m
     store(dst + block * 256 + i, w, mask, OUT_BF16)
 
 

@@ -53,8 +53,11 @@ def can_run(packed: torch.Tensor, qtype, kernel: str = "auto") -> bool:
 
 
 def dequantize(packed: torch.Tensor, qtype, shape, dtype=torch.float32, *, blocks_per_program: int | None = None,
-               num_warps: int | None = None) -> torch.Tensor:
-    """Decode `packed` (GGUF blocks of `qtype`, contiguous) into a new tensor of `shape` and `dtype`."""
+               num_warps: int | None = None, variant: str | None = None) -> torch.Tensor:
+    """Decode `packed` (GGUF blocks of `qtype`, contiguous) into a new tensor of `shape` and `dtype`.
+
+    variant: None for the type's kernel; "gather" picks the first Q4_K kernel (VARIANTS), kept for the benchmark.
+    """
     qtype = Q(qtype)
     blocks_per_program = blocks_per_program or BLOCKS_PER_PROGRAM
     if blocks_per_program & (blocks_per_program - 1):
@@ -63,7 +66,9 @@ def dequantize(packed: torch.Tensor, qtype, shape, dtype=torch.float32, *, block
     block_size = 32 if qtype == Q.Q8_0 else 256
     n_blocks = n_weights // block_size
     out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
-    kernel = _kernels()[qtype]
+    if variant is not None and (qtype, variant) not in VARIANTS:
+        raise ValueError(f"no {variant!r} Triton kernel for {qtype.name}")
+    kernel = _kernels()[(qtype, variant) if variant else qtype]
     grid = (-(-n_blocks // blocks_per_program),)
     out_bf16 = dtype == torch.bfloat16
     target = out.view(torch.int16) if out_bf16 else out
@@ -73,6 +78,8 @@ def dequantize(packed: torch.Tensor, qtype, shape, dtype=torch.float32, *, block
 
 
 _KERNEL_NAMES = {Q.Q4_K: "q4_k", Q.Q6_K: "q6_k", Q.Q8_0: "q8_0"}
+# Other kernels for a type, by name: the benchmark times them against the default (docs/PERF.md).
+VARIANTS = {(Q.Q4_K, "gather")}
 _warned = set()
 
 
@@ -88,4 +95,4 @@ def _kernels():
     # imported (with Triton) only now.
     from . import _triton_kernels as k
 
-    return {Q.Q4_K: k.q4_k, Q.Q6_K: k.q6_k, Q.Q8_0: k.q8_0}
+    return {Q.Q4_K: k.q4_k, Q.Q6_K: k.q6_k, Q.Q8_0: k.q8_0, (Q.Q4_K, "gather"): k.q4_k_gather}

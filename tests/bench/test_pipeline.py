@@ -119,7 +119,7 @@ def test_table_is_printed_last(report):
         assert needed in text
 
 
-def test_triton_launch_sweep(monkeypatch):
+def test_triton_launch_sweep(monkeypatch, report):
     # On a GPU the bandwidth section also times every Triton launch shape; here the kernel runs under Triton's
     # interpreter on the CPU (tiny size, two shapes) to exercise that path and its equality check.
     pytest.importorskip("triton")
@@ -128,7 +128,7 @@ def test_triton_launch_sweep(monkeypatch):
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     triton_dequant._kernels.cache_clear()
-    monkeypatch.setattr(instrument, "TRITON_LAUNCHES", ((2, 2), (4, 4)))
+    monkeypatch.setattr(instrument, "TRITON_LAUNCHES", ((None, 2, 2), ("gather", 4, 4)))
     plain = instrument.dequant_kernels
     monkeypatch.setattr(instrument, "dequant_kernels", lambda device: {
         **plain(device), "triton": lambda packed, shape, dtype: triton_dequant.dequantize(packed, Q.Q4_K, shape, dtype)})
@@ -137,8 +137,13 @@ def test_triton_launch_sweep(monkeypatch):
     finally:
         triton_dequant._kernels.cache_clear()
     launches = result["triton_launches"]
-    assert [(r["blocks_per_program"], r["num_warps"]) for r in launches] == [(2, 2), (4, 4)]
+    assert [(r["variant"], r["blocks_per_program"], r["num_warps"]) for r in launches] == [
+        ("default", 2, 2), ("gather", 4, 4)]
     assert all(r["GBps"] > 0 and r["seconds"] > 0 for r in launches)
     best = result["kernels"]["triton (best launch)"]
     assert best["GBps"] == max(r["GBps"] for r in launches)
-    assert best["default"] == (triton_dequant.BLOCKS_PER_PROGRAM, triton_dequant.NUM_WARPS)
+    assert best["default"] == ("default", triton_dequant.BLOCKS_PER_PROGRAM, triton_dequant.NUM_WARPS)
+    # the table names the sweep's winner next to what ships
+    text = pipeline.table({**report, "bandwidth": result})
+    assert f"Triton sweep (2 kernel x launch shapes): best {best['variant']} kernel" in text
+    assert f"shipped: default, {triton_dequant.BLOCKS_PER_PROGRAM} x {triton_dequant.NUM_WARPS}" in text

@@ -16,27 +16,29 @@ from .conftest import QUANT_TYPES, random_blocks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 
-TRITON_TYPES = [Q.Q4_K, Q.Q6_K, Q.Q8_0]
+KERNELS = [(Q.Q4_K, None), (Q.Q4_K, "gather"), (Q.Q6_K, None), (Q.Q8_0, None)]
 
 
 def _reference(packed: torch.Tensor, qtype) -> torch.Tensor:
     return torch.from_numpy(quants.dequantize(packed.numpy(), qtype))
 
 
-@pytest.mark.parametrize("qtype", TRITON_TYPES, ids=lambda q: q.name)
+@pytest.mark.parametrize("case", KERNELS, ids=lambda c: c[0].name + (f"-{c[1]}" if c[1] else ""))
 @pytest.mark.parametrize("shape", [(5, 768), (1536, 4608)], ids=["15-blocks", "mlp-slice"])
-def test_compiled_triton_kernel_matches_gguf_py(qtype, shape, rng):
+def test_compiled_triton_kernel_matches_gguf_py(case, shape, rng):
     if not triton_dequant.available():
         pytest.skip("Triton is not installed")
+    qtype, variant = case
     rows, cols = shape
     packed = torch.from_numpy(random_blocks(qtype, rows, cols, rng))
     ref = _reference(packed, qtype)
     on_gpu = packed.cuda()
     assert triton_dequant.can_run(on_gpu, qtype)
-    fp32 = triton_dequant.dequantize(on_gpu, qtype, shape, torch.float32).cpu()
+    fp32 = triton_dequant.dequantize(on_gpu, qtype, shape, torch.float32, variant=variant).cpu()
     assert torch.equal(fp32.view(torch.int32), ref.view(torch.int32))
     for dtype in (torch.bfloat16, torch.float16):
-        assert torch.equal(triton_dequant.dequantize(on_gpu, qtype, shape, dtype).cpu(), ref.to(dtype)), dtype
+        out = triton_dequant.dequantize(on_gpu, qtype, shape, dtype, variant=variant).cpu()
+        assert torch.equal(out, ref.to(dtype)), dtype
 
 
 def test_compiled_triton_launch_shapes_agree(rng):
@@ -45,11 +47,12 @@ def test_compiled_triton_launch_shapes_agree(rng):
     shape = (96, 2560)
     packed = torch.from_numpy(random_blocks(Q.Q4_K, *shape, rng)).cuda()
     ref = triton_dequant.dequantize(packed, Q.Q4_K, shape, torch.bfloat16)
-    for blocks in (1, 2, 4, 16, 32):
-        for warps in (1, 2, 8):
-            out = triton_dequant.dequantize(packed, Q.Q4_K, shape, torch.bfloat16, blocks_per_program=blocks,
-                                            num_warps=warps)
-            assert torch.equal(out, ref), (blocks, warps)
+    for variant in (None, "gather"):
+        for blocks in (1, 2, 4, 16, 32):
+            for warps in (1, 2, 8):
+                out = triton_dequant.dequantize(packed, Q.Q4_K, shape, torch.bfloat16, blocks_per_program=blocks,
+                                                num_warps=warps, variant=variant)
+                assert torch.equal(out, ref), (variant, blocks, warps)
 
 
 @pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda q: q.name)

@@ -21,16 +21,32 @@ def interpreter(monkeypatch):
     triton_dequant._kernels.cache_clear()
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q8_0], ids=lambda q: q.name)
-def test_kernel_matches_gguf_py(qtype, interpreter, rng):
+KERNELS = [(Q.Q4_K, None), (Q.Q4_K, "gather"), (Q.Q6_K, None), (Q.Q8_0, None)]
+
+
+def kernel_id(case):
+    qtype, variant = case
+    return qtype.name + (f"-{variant}" if variant else "")
+
+
+@pytest.mark.parametrize("case", KERNELS, ids=kernel_id)
+def test_kernel_matches_gguf_py(case, interpreter, rng):
+    qtype, variant = case
     rows, cols = 5, 768  # 15 super-blocks: not a multiple of the 8 blocks a program handles
     packed = torch.from_numpy(random_blocks(qtype, rows, cols, rng))
     assert triton_dequant.can_run(packed, qtype)
     ref = torch.from_numpy(quants.dequantize(packed.numpy(), qtype))
-    fp32 = triton_dequant.dequantize(packed, qtype, (rows, cols), torch.float32)
+    fp32 = triton_dequant.dequantize(packed, qtype, (rows, cols), torch.float32, variant=variant)
     assert torch.equal(fp32.view(torch.int32), ref.view(torch.int32))
     for dtype in (torch.bfloat16, torch.float16):
-        assert torch.equal(triton_dequant.dequantize(packed, qtype, (rows, cols), dtype), ref.to(dtype))
+        out = triton_dequant.dequantize(packed, qtype, (rows, cols), dtype, variant=variant)
+        assert torch.equal(out, ref.to(dtype)), dtype
+
+
+def test_unknown_variant_is_refused(rng):
+    packed = torch.from_numpy(random_blocks(Q.Q6_K, 1, 256, rng))
+    with pytest.raises(ValueError, match="no 'gather' Triton kernel for Q6_K"):
+        triton_dequant.dequantize(packed, Q.Q6_K, (1, 256), variant="gather")
 
 
 def test_kernel_selection(monkeypatch):
@@ -47,10 +63,10 @@ def test_launch_shapes_decode_the_same(interpreter, rng):
     rows, cols = 3, 2560  # 30 super-blocks: a partial last program for every shape below
     packed = torch.from_numpy(random_blocks(Q.Q4_K, rows, cols, rng))
     ref = torch.from_numpy(quants.dequantize(packed.numpy(), Q.Q4_K)).to(torch.bfloat16)
-    for blocks, warps in ((1, 1), (2, 2), (4, 8), (16, 4), (32, 2)):
+    for blocks, warps, variant in ((1, 1, None), (2, 2, "gather"), (4, 8, None), (16, 4, "gather"), (32, 2, None)):
         out = triton_dequant.dequantize(packed, Q.Q4_K, (rows, cols), torch.bfloat16, blocks_per_program=blocks,
-                                        num_warps=warps)
-        assert torch.equal(out, ref), (blocks, warps)
+                                        num_warps=warps, variant=variant)
+        assert torch.equal(out, ref), (blocks, warps, variant)
     with pytest.raises(ValueError, match="power of two"):
         triton_dequant.dequantize(packed, Q.Q4_K, (rows, cols), torch.bfloat16, blocks_per_program=12)
 
