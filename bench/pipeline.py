@@ -100,6 +100,9 @@ def _parse(argv):
     parser.add_argument("--dequant-ahead", action="store_true",
                         help="also time Q4_K with the next Linear decoded on a side stream (bench/dequant_ahead.py)")
     parser.add_argument("--no-decode", action="store_true", help="leave the VAE decode out of the memory section")
+    parser.add_argument("--card-gb", type=float,
+                        help="memory section: simulate a card of this many GB (1e9 bytes): CUDA allocations past it "
+                             "fail, and the decode plans for what such a card has left")
     parser.add_argument("--cache-dir", type=Path, default=synthetic.DEFAULT_CACHE_DIR)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
@@ -319,56 +322,85 @@ def measure_load(gguf_path, device, dtype, kernel, modes) -> dict:
 # Memory
 
 
-def _decode(latents, grid, vae):
-    from ..models.vae import decode_latents
+def _pipeline_once(cond, uncond, features, side, vae, seed, card_bytes=None, in_use=None) -> dict:
+    """Text projection, one sampler step and (with a VAE) the decode. With `card_bytes` the decode plans for a card
+    of that size, as the nodes do from ComfyUI's free-memory figure: the card minus what `in_use()` says is taken.
+    Returns the decode plan used (empty without a VAE)."""
+    from ..models.vae import decode_latents, plan_decode
 
-    return decode_latents(latents, vae, grid=grid)
-
-
-def _pipeline_once(cond, uncond, features, side, vae, seed):
     projected = cond.project_text(features)
     latents = sample(cond, uncond, projected, side, side, seed=seed,
                      settings=sampler_settings("default", steps=1, polish_steps=0))
-    if vae is not None:
-        _decode(latents, (side // 16, side // 16), vae)
+    if vae is None:
+        return {}
+    free = None if card_bytes is None else max(int(0.9 * (card_bytes - in_use())), 0)
+    plan = plan_decode(vae, side, side, "auto", free)
+    decode_latents(latents, vae, grid=(side // 16, side // 16), free_memory_bytes=free)
+    return {"decode_tiled": plan.tiled, "decode_tile_px": plan.tile_px, "decode_band_bytes": plan.band_bytes,
+            "decode_free_bytes": plan.free_memory_bytes, "decode_estimated_peak_bytes": plan.estimated_peak_bytes}
 
 
-def measure_memory_cuda(cond, uncond, device, modes, sizes, text_tokens, vae, prefetch, seed) -> list[dict]:
+def measure_memory_cuda(cond, uncond, device, modes, sizes, text_tokens, vae, prefetch, seed,
+                        card_bytes=None) -> list[dict]:
+    """Peak device memory of the whole pipeline per mode and size. With `card_bytes`, a card of that size is
+    simulated: the caching allocator is capped there (an allocation past it fails as on that card, recorded as
+    `out_of_memory`) and the decode plans for the memory such a card would have left."""
     rows = []
     config = cond.config
-    for mode in modes:
-        for side in sizes:
-            gc.collect()
-            torch.cuda.empty_cache()
-            with cuda_peak(device) as record:  # the VAE weights count: it moves in inside the measured block
-                placement = place_branches(cond, uncond, device, mode, prefetch=prefetch)
+    total = torch.cuda.get_device_properties(device).total_memory
+    if card_bytes is not None:
+        torch.cuda.set_per_process_memory_fraction(min(card_bytes / total, 1.0), device)
+    try:
+        for mode in modes:
+            for side in sizes:
+                gc.collect()
+                torch.cuda.empty_cache()
+                row = {"mode": mode, "side": side, "measured": True, "with_decode": vae is not None,
+                       "card_bytes": card_bytes, "out_of_memory": False}
+                placement = None
+                try:
+                    with cuda_peak(device) as record:  # the VAE weights count: it moves in inside the measured block
+                        placement = place_branches(cond, uncond, device, mode, prefetch=prefetch)
+                        if vae is not None:
+                            vae.to(device)
+                        features = _features(config, text_tokens, device, seed)
+                        started = time.perf_counter()
+                        row.update(_pipeline_once(cond, uncond, features, side, vae, seed, card_bytes,
+                                                  lambda: torch.cuda.memory_allocated(device)))
+                        del features
+                    torch.cuda.synchronize(device)
+                    row["pipeline_s"] = time.perf_counter() - started
+                except torch.cuda.OutOfMemoryError as exc:
+                    row["out_of_memory"] = str(exc).splitlines()[0]
+                    _log(f"memory {mode} {side}: out of memory on the simulated {card_bytes / 1e9:.0f} GB card")
+                row.update(peak_bytes=None if row["out_of_memory"] else record["peak_bytes"],
+                           peak_reserved_bytes=None if row["out_of_memory"] else record["peak_reserved_bytes"],
+                           weights_on_device_bytes=placement.device_bytes if placement else None)
+                rows.append(row)
+                if placement is not None:
+                    placement.release()
                 if vae is not None:
-                    vae.to(device)
-                features = _features(config, text_tokens, device, seed)
-                started = time.perf_counter()
-                _pipeline_once(cond, uncond, features, side, vae, seed)
-                del features
-            torch.cuda.synchronize(device)
-            rows.append({"mode": mode, "side": side, "measured": True, "peak_bytes": record["peak_bytes"],
-                         "peak_reserved_bytes": record["peak_reserved_bytes"],
-                         "weights_on_device_bytes": placement.device_bytes, "with_decode": vae is not None,
-                         "pipeline_s": time.perf_counter() - started})
-            placement.release()
-            if vae is not None:
-                vae.to("cpu")
+                    vae.to("cpu")
+    finally:
+        if card_bytes is not None:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
     return rows
 
 
-def measure_memory_cpu(cond, uncond, modes, side, text_tokens, vae, prefetch, seed) -> list[dict]:
+def measure_memory_cpu(cond, uncond, modes, side, text_tokens, vae, prefetch, seed, card_bytes=None) -> list[dict]:
+    """The CPU counterpart: resident weights + the allocator's transient peak. `card_bytes` only steers the decode
+    plan (nothing caps the CPU allocator)."""
     rows = []
     config = cond.config
     for mode in modes:
         placement = place_branches(cond, uncond, "cpu", mode, prefetch=prefetch)
         features = _features(config, text_tokens, "cpu", seed)
-        _, transient = cpu_transient_peak(lambda f=features: _pipeline_once(cond, uncond, f, side, vae, seed))
+        # on the CPU "in use" is what the card would hold: the resident weights (the trace adds the transients)
+        plan, transient = cpu_transient_peak(lambda f=features: _pipeline_once(
+            cond, uncond, f, side, vae, seed, card_bytes, lambda: placement.device_bytes))
         rows.append({"mode": mode, "side": side, "measured": True, "weights_on_device_bytes": placement.device_bytes,
-                     "transient_peak_bytes": transient, "with_decode": vae is not None,
-                     "peak_bytes": None if transient is None else placement.device_bytes + transient})
+                     "transient_peak_bytes": transient, "with_decode": vae is not None, "card_bytes": card_bytes,
+                     "peak_bytes": None if transient is None else placement.device_bytes + transient, **plan})
         placement.release()
     return rows
 
@@ -559,16 +591,17 @@ def _memory(report, args, device, dtype, preset, config, width, text_tokens):
     from ..models.vae import Flux2VAEConfig
 
     vae = None if args.no_decode else _vae(preset, "cpu" if device.type == "cuda" else device, dtype)
+    card_bytes = None if args.card_gb is None else int(args.card_gb * 1e9)
     cond, uncond = _load_branches("q4_k", report["files"], dtype, args.kernel, device)
     cond_bytes, uncond_bytes = stored_bytes(cond), stored_bytes(uncond)
     report["model"]["stored_bytes"] = {"cond": cond_bytes, "uncond": uncond_bytes}
     if device.type == "cuda":
         report["memory"]["measured"] = measure_memory_cuda(cond, uncond, device, args.modes, args.memory_sizes,
-                                                           text_tokens, vae, args.prefetch, args.seed)
+                                                           text_tokens, vae, args.prefetch, args.seed, card_bytes)
         computed_sizes, computed_config, computed_bytes = args.memory_sizes, config, (cond_bytes, uncond_bytes)
     else:
         report["memory"]["measured"] = measure_memory_cpu(cond, uncond, args.modes, width, text_tokens, vae,
-                                                          args.prefetch, args.seed)
+                                                          args.prefetch, args.seed, card_bytes)
         # the same estimate for the run itself, to set the measurement beside it
         for row in computed_memory(config, cond_bytes, uncond_bytes, args.modes, [width], text_tokens, dtype,
                                    vae.config if vae is not None else None, args.prefetch):
@@ -605,12 +638,15 @@ def _targets(report, device) -> list[dict]:
     # the shipped launch shape counts; the sweep's best shape is reported beside it (table) to pick a new default
     best = max((k["pct_of_copy"] for name, k in kernels.items() if "best launch" not in name), default=None)
     add("dequant kernel % of copy bandwidth", best, TARGETS["dequant_pct_of_copy"], lower_is_better=False, unit="%")
-    measured = {(r["mode"], r["side"]): r["peak_bytes"] for r in report["memory"]["measured"]}
+    measured = {(r["mode"], r["side"]): r for r in report["memory"]["measured"]}
     if on_gpu:
-        add("peak VRAM 1024², both branches resident", measured.get(("gpu", 1024)), TARGETS["peak_gpu_1024_bytes"],
-            unit="bytes")
-        add("peak VRAM 1024², uncond streamed", measured.get(("stream_uncond", 1024)),
-            TARGETS["peak_stream_uncond_1024_bytes"], unit="bytes")
+        for mode, name, limit in (("gpu", "both branches resident", TARGETS["peak_gpu_1024_bytes"]),
+                                  ("stream_uncond", "uncond streamed", TARGETS["peak_stream_uncond_1024_bytes"])):
+            row = measured.get((mode, 1024), {})
+            card = f" (simulated {row['card_bytes'] / 1e9:g} GB card)" if row.get("card_bytes") else ""
+            add(f"peak VRAM 1024², {name}{card}", row.get("peak_bytes"), limit, unit="bytes")
+            if row.get("out_of_memory"):
+                rows[-1]["status"] = "missed: out of memory" + card
     else:
         rows.append({"target": "peak VRAM 1024² (gpu <= 12 GB, stream_uncond <= 8 GB)", "value": None,
                      "limit": None, "unit": "bytes", "status": "unmeasured (no GPU); see memory.computed"})

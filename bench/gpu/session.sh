@@ -2,7 +2,7 @@
 # Run ON THE GPU MACHINE, in the repository root: the issue-8 measurements in the order they matter, each stage's
 # output written to $OUT as soon as it ends, so a call cut short by its time limit still returns what finished.
 #
-#   bash bench/gpu/session.sh [STAGE ...]      stages: env tests bandwidth q4k dense memory   (default: all)
+#   bash bench/gpu/session.sh [STAGE ...]   stages: env tests bandwidth q4k dense memory card12 card8 (default: all)
 #
 # Typical device call (bench/gpu/wheels.sh first, here):
 #   run(command="timeout 570 bash bench/gpu/session.sh", carry=[".whl"], timeout_s=600)
@@ -11,14 +11,14 @@
 #
 # Stage times expected on an H100 (computed, not measured): env+tests ~2 min, bandwidth ~1 min (15 launch
 # shapes to compile), q4k ~3 min (builds the 10.4 GB GGUF once), dense ~4 min (writes the 37 GB bf16 folder once,
-# quantizes NF4), memory ~2 min.
+# quantizes NF4), memory ~2 min, card12 / card8 ~1 min each.
 set -u
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(env tests bandwidth q4k dense memory)
+[ ${#stages[@]} -gt 0 ] || stages=(env tests bandwidth q4k card12 card8 dense memory)
 
 if ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -49,7 +49,10 @@ print(\"bitsandbytes\", b.__version__)'; df -h . /tmp ~; free -g; nproc" ;;
         # the baseline in the same run: Q4_K resident next to bf16 dense and NF4
         dense) stage dense bench --sections steps --formats q4_k bf16 nf4 --modes gpu --json "$OUT/dense.json" ;;
         memory) stage memory bench --sections memory --formats q4_k --json "$OUT/memory.json" ;;
-        *) echo "unknown stage $s (env tests bandwidth q4k dense memory)"; exit 2 ;;
+        # the VRAM targets on the cards they are about: allocations past 12 / 8 GB fail, the decode plans for them
+        card12) stage card12 bench --sections memory --formats q4_k --modes gpu --memory-sizes 1024 --card-gb 12 --json "$OUT/card12.json" ;;
+        card8) stage card8 bench --sections memory --formats q4_k --modes stream_uncond --memory-sizes 1024 --card-gb 8 --json "$OUT/card8.json" ;;
+        *) echo "unknown stage $s (env tests bandwidth q4k dense memory card12 card8)"; exit 2 ;;
     esac
 done
 cat "$OUT/stages.txt"

@@ -30,13 +30,16 @@ def test_named_test_files_exist():
 
 def test_bench_stages_parse(tmp_path):
     stages = re.findall(r"^\s*(\w+)\) stage \w+ bench (.+?) ;;$", TEXT, flags=re.M)
-    assert {name for name, _ in stages} == {"bandwidth", "q4k", "dense", "memory"}
+    assert {name for name, _ in stages} == {"bandwidth", "q4k", "dense", "memory", "card12", "card8"}
     for name, args in stages:
         argv = shlex.split(args.replace("$OUT", str(tmp_path)))
         parsed = pipeline._parse(argv)
         assert parsed.json == tmp_path / f"{name}.json"
-    dense = pipeline._parse(shlex.split(dict(stages)["dense"].replace("$OUT", str(tmp_path))))
-    assert set(dense.formats) == {"q4_k", "bf16", "nf4"}  # the baselines run beside Q4_K in one run
+    parse = {name: pipeline._parse(shlex.split(args.replace("$OUT", str(tmp_path)))) for name, args in stages}
+    assert set(parse["dense"].formats) == {"q4_k", "bf16", "nf4"}  # the baselines run beside Q4_K in one run
+    # the VRAM targets: both branches resident on a 12 GB card, the unconditional one streamed on an 8 GB card
+    assert (parse["card12"].modes, parse["card12"].card_gb, parse["card12"].memory_sizes) == (["gpu"], 12, [1024])
+    assert (parse["card8"].modes, parse["card8"].card_gb) == (["stream_uncond"], 8)
 
 
 def test_unknown_stage_is_refused(tmp_path):

@@ -147,3 +147,28 @@ def test_triton_launch_sweep(monkeypatch, report):
     text = pipeline.table({**report, "bandwidth": result})
     assert f"Triton sweep (2 kernel x launch shapes): best {best['variant']} kernel" in text
     assert f"shipped: default, {triton_dequant.BLOCKS_PER_PROGRAM} x {triton_dequant.NUM_WARPS}" in text
+
+
+def test_simulated_card_steers_the_decode_plan(tmp_path):
+    # --card-gb: on a GPU the allocator is capped there; on any device the decode plans for what such a card has
+    # left after the resident weights. A card just large enough for the tiny model's weights forces tiles.
+    def memory_rows(*extra):
+        out = tmp_path / f"memory{len(extra)}.json"
+        threads = torch.get_num_threads()
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                pipeline.main(["--model", "tiny", "--device", "cpu", "--threads", "1", "--sections", "memory",
+                               "--modes", "gpu", "--text-tokens", "16", "--cache-dir", str(tmp_path / "cache"),
+                               "--json", str(out), *extra])
+        finally:
+            torch.set_num_threads(threads)
+        (row,) = json.loads(out.read_text())["memory"]["measured"]
+        return row
+
+    roomy, small = memory_rows(), memory_rows("--card-gb", "0.02")
+    assert roomy["card_bytes"] is None and not roomy["decode_tiled"]
+    assert small["card_bytes"] == 20_000_000
+    # 0.9 x (card - resident weights) is what the decode may use
+    assert small["decode_free_bytes"] == int(0.9 * (20_000_000 - small["weights_on_device_bytes"]))
+    assert small["decode_tiled"] and small["decode_tile_px"] > 0
+    assert small["decode_estimated_peak_bytes"] < roomy["decode_estimated_peak_bytes"]
