@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from .errors import ModelFileError, PromptError
+from .errors import Ideogram4Error, ModelFileError, PromptError
 from .models.dit import default_compute_dtype
 from .models.dit_loader import DiTLoadInfo, load_dit_branches
 from .models.latents import LatentNorm, tokens_to_latent_dict
@@ -219,6 +219,14 @@ def encode_prompt(text_encoder_path, prompt: str, *, tokenizer_source=None, extr
 # Sampling
 
 
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+class DeviceMemoryError(Ideogram4Error, _OUT_OF_MEMORY):
+    """Out of GPU memory while sampling, with the memory modes that would fit. Still a torch OutOfMemoryError, so
+    ComfyUI treats it as one (it unloads models and shows its out-of-memory tip)."""
+
+
 def sample_latents(model: Ideogram4Model, conditioning: TextConditioning, *, width: int, height: int, seed: int = 0,
                    batch_size: int = 1, preset: str = "default", callback: ProgressCallback | None = None,
                    free_bytes: int | None = None, make_room: Callable[[int], None] | None = None,
@@ -238,11 +246,31 @@ def sample_latents(model: Ideogram4Model, conditioning: TextConditioning, *, wid
             f"The text features are {features.shape[-1]} wide but this DiT expects {expected}: the text encoder "
             f"({conditioning.encoder_file or 'unknown file'}) does not belong to this Ideogram 4 model."
         )
-    model.place(width, height, conditioning.token_count, free_bytes=free_bytes, make_room=make_room)
-    projected = model.cond_branch.project_text(features.to(model.device))
-    tokens = sample(model.cond_branch, model.uncond_branch, projected, width, height, seed=int(seed),
-                    batch_size=batch_size, settings=settings, callback=callback)
+    try:
+        model.place(width, height, conditioning.token_count, free_bytes=free_bytes, make_room=make_room)
+        projected = model.cond_branch.project_text(features.to(model.device))
+        tokens = sample(model.cond_branch, model.uncond_branch, projected, width, height, seed=int(seed),
+                        batch_size=batch_size, settings=settings, callback=callback)
+    except _OUT_OF_MEMORY as exc:
+        raise _out_of_memory(model, width, height, conditioning.token_count, exc) from exc
     return tokens_to_latent_dict(tokens.cpu(), *grid)
+
+
+def _out_of_memory(model: Ideogram4Model, width: int, height: int, text_tokens: int, exc) -> DeviceMemoryError:
+    mode = model.placement.mode if model.placement is not None else model.memory_mode
+    model.offload()  # the device copies go now, so that a retry (or the next node) finds the memory free
+    needs = ", ".join(f"{m} {model.peak_bytes(m, width, height, text_tokens) / 1e9:.1f} GB"
+                      for m in ("gpu", "stream_uncond", "cpu_offload"))
+    free = ""
+    if model.device.type == "cuda":
+        free = f"; {torch.cuda.mem_get_info(model.device)[0] / 1e9:.1f} GB of the GPU is free now"
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return DeviceMemoryError(
+        f"Out of GPU memory while sampling {width}x{height} with the Ideogram 4 DiT in memory mode '{mode}' "
+        f"({reason}). Computed need of one image at this size per memory mode: {needs}{free}. Choose a memory "
+        "mode that fits in the Ideogram4 Q4_K Loader (or 'auto'), lower the resolution, or close other programs "
+        "using the GPU. The DiT's GPU copies have been released."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -158,15 +158,24 @@ class _BranchStreamer:
     """Streams the units of one branch to `device` (CUDA: side stream + events; CPU: synchronous clones)."""
 
     def __init__(self, branch: nn.Module, device: torch.device, prefetch: int, pin_memory: bool, copy_stream):
+        self.handles = []
+        self.live: dict[str, _Unit] = {}
+        self.arena = None
+        self.cuda, self.copy_stream = False, None
+        self.finishing = collections.deque()  # CUDA events: units whose compute the host has queued
+        try:
+            self._setup(branch, device, prefetch, pin_memory, copy_stream)
+        except BaseException:
+            self.close()  # no hook or page-locked memory left behind by a half-built streamer
+            raise
+
+    def _setup(self, branch, device, prefetch, pin_memory, copy_stream) -> None:
         self.device, self.prefetch = device, prefetch
         self.cuda = device.type == "cuda"
         self.copy_stream = copy_stream
         self.stats = StreamStats()
         self.units: dict[str, _Unit] = {}
         self.next_units: dict[str, list[str]] = {}
-        self.live: dict[str, _Unit] = {}
-        self.finishing = collections.deque()  # CUDA events: units whose compute the host has queued
-        self.handles = []
         for sequence in _order(branch):
             for i, name in enumerate(sequence):
                 unit = _Unit(name, branch.get_submodule(name))
@@ -358,29 +367,39 @@ def place_branches(cond_branch, uncond_branch, device, mode: str = "auto", *, pr
         if getattr(branch, "_ideogram4_placement", None) is not None:
             raise RuntimeError("This DiT branch is already placed; call release() on its placement first.")
     placement = Placement(mode, device, cond_branch, uncond_branch, prefetch)
-    if device.type == "cuda" and mode != "gpu":
-        placement.copy_stream = torch.cuda.Stream(device)
-    for role, branch in (("cond", cond_branch), ("uncond", uncond_branch)):
-        all_slots = _slots(branch)
-        placement._originals += [(slot, slot.get()) for slot in all_slots]
-        streamed = role in STREAMED[mode]
-        streamer = None
-        if streamed:
-            streamer = _BranchStreamer(branch, device, prefetch, pin_memory, placement.copy_stream)
-            covered = {id(slot.module) for unit in streamer.units.values() for slot in unit.slots}
-            resident = [slot for slot in all_slots if id(slot.module) not in covered]
-        else:
-            resident = all_slots
-        device_bytes = 0
-        for slot in resident:
-            tensor = slot.get()
-            if tensor.device != device:
-                slot.set(tensor.detach().to(device))
-            device_bytes += _nbytes(tensor)
-        placement.placements[role] = BranchPlacement(role, streamed, sum(_nbytes(s.get()) for s in all_slots),
-                                                     device_bytes, streamer)
-        branch._ideogram4_placement = placement
+    try:
+        if device.type == "cuda" and mode != "gpu":
+            placement.copy_stream = torch.cuda.Stream(device)
+        for role, branch in (("cond", cond_branch), ("uncond", uncond_branch)):
+            branch._ideogram4_placement = placement
+            _place_branch(placement, role, branch, device, mode, prefetch, pin_memory)
+    except BaseException:
+        # out of device memory half-way (or interrupted): put back what moved, so the branches can be placed again
+        placement.release()
+        raise
     return placement
+
+
+def _place_branch(placement, role, branch, device, mode, prefetch, pin_memory) -> None:
+    all_slots = _slots(branch)
+    placement._originals += [(slot, slot.get()) for slot in all_slots]
+    streamed = role in STREAMED[mode]
+    streamer = None
+    if streamed:
+        streamer = _BranchStreamer(branch, device, prefetch, pin_memory, placement.copy_stream)
+        placement.placements[role] = BranchPlacement(role, True, 0, 0, streamer)  # released with the rest on error
+        covered = {id(slot.module) for unit in streamer.units.values() for slot in unit.slots}
+        resident = [slot for slot in all_slots if id(slot.module) not in covered]
+    else:
+        resident = all_slots
+    device_bytes = 0
+    for slot in resident:
+        tensor = slot.get()
+        if tensor.device != device:
+            slot.set(tensor.detach().to(device))
+        device_bytes += _nbytes(tensor)
+    placement.placements[role] = BranchPlacement(role, streamed, sum(_nbytes(s.get()) for s in all_slots),
+                                                 device_bytes, streamer)
 
 
 # ---------------------------------------------------------------------------------------------------------------

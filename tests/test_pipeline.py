@@ -84,3 +84,27 @@ def test_memory_modes_give_the_same_latents(demo_models):
     assert torch.equal(latents["gpu"], latents["stream_uncond"]) and torch.equal(latents["gpu"], latents["cpu_offload"])
     with pytest.raises(ValueError, match="memory_mode"):
         pipeline.load_model(demo_models.dit, device="cpu", memory_mode="lowvram")
+
+
+def test_out_of_memory_while_sampling_names_the_modes_that_fit(demo_models, monkeypatch):
+    conditioning = pipeline.encode_prompt(demo_models.text_encoder, "a red cube", device="cpu")
+    model = pipeline.load_model(demo_models.dit, device="cpu", memory_mode="gpu")
+    out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+    def sample(*args, **kwargs):
+        raise out_of_memory("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+
+    monkeypatch.setattr(pipeline, "sample", sample)
+    with pytest.raises(pipeline.DeviceMemoryError) as caught:
+        pipeline.sample_latents(model, conditioning, width=256, height=256, seed=1, preset="turbo", steps=2)
+    error = caught.value
+    # still a torch out-of-memory error (ComfyUI unloads models and shows its tip for those) and one of ours
+    assert isinstance(error, out_of_memory) and isinstance(error, pipeline.Ideogram4Error)
+    message = str(error)
+    assert "memory mode 'gpu'" in message and "Tried to allocate 2.00 GiB" in message
+    for mode in ("gpu", "stream_uncond", "cpu_offload"):
+        assert f"{mode} {model.peak_bytes(mode, 256, 256, conditioning.token_count) / 1e9:.1f} GB" in message
+    assert model.placement is None  # the device copies were released
+    monkeypatch.undo()
+    latents = pipeline.sample_latents(model, conditioning, width=256, height=256, seed=1, preset="turbo", steps=2)
+    assert latents["samples"].shape[-2:] == (16, 16)  # a retry works

@@ -172,6 +172,64 @@ def test_release_restores_every_original_tensor_and_removes_hooks(q4_k_file):
     place_branches(cond, uncond, "cpu", "gpu").release()  # placeable again
 
 
+@pytest.mark.parametrize("fail_at", ["second streamer", "half-built streamer", "tensor swap"])
+def test_a_placement_that_fails_half_way_is_rolled_back(q4_k_file, monkeypatch, fail_at):
+    # e.g. out of device memory while copying the second branch: nothing may stay moved or hooked, and the
+    # branches must be placeable again (a ComfyUI retry with another memory mode)
+    cond, uncond = _branches("q4_k", q4_k_file)
+    before = {role: _all_tensors(b) for role, b in (("cond", cond), ("uncond", uncond))}
+    expected = _velocities(cond, uncond, _inputs(TINY, seed=5), "cpu")
+    out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    if fail_at == "second streamer":  # cpu_offload: the conditional streamer is built, the unconditional one fails
+        built = []
+        real = residency._BranchStreamer
+
+        def streamer(*args, **kwargs):
+            if built:
+                raise out_of_memory("simulated")
+            built.append(real(*args, **kwargs))
+            return built[-1]
+
+        monkeypatch.setattr(residency, "_BranchStreamer", streamer)
+        mode = "cpu_offload"
+    elif fail_at == "half-built streamer":  # the unconditional streamer fails after hooking some of its units
+        real_hold = residency._Unit.__init__
+        count = []
+
+        def unit_init(self, name, module):
+            count.append(name)
+            if len(count) == 3:
+                raise out_of_memory("simulated")
+            real_hold(self, name, module)
+
+        monkeypatch.setattr(residency._Unit, "__init__", unit_init)
+        mode = "stream_uncond"
+    else:  # the 40th stored tensor swapped into place fails (on the CPU: inside the second branch's streamer)
+        moved = []
+        real_set = residency._Slot.set
+
+        def slot_set(self, tensor):
+            moved.append(self.name)
+            if len(moved) == 40:
+                raise out_of_memory("simulated")
+            real_set(self, tensor)
+
+        monkeypatch.setattr(residency._Slot, "set", slot_set)
+        mode = "cpu_offload"
+    with pytest.raises(out_of_memory, match="simulated"):
+        place_branches(cond, uncond, "cpu", mode)
+    monkeypatch.undo()
+    for role, branch in (("cond", cond), ("uncond", uncond)):
+        after = _all_tensors(branch)
+        assert all(after[name] is before[role][name] for name in after), role
+        assert all(not m._forward_pre_hooks and not m._forward_hooks for m in branch.modules())
+        assert branch._ideogram4_placement is None
+    placement = place_branches(cond, uncond, "cpu", "stream_uncond")  # placeable again, same results
+    got = _velocities(cond, uncond, _inputs(TINY, seed=5), "cpu")
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    placement.release()
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("inference_mode", [False, True])  # ComfyUI samples under torch.inference_mode()
 def test_sampler_gives_identical_latents_in_every_mode(q4_k_file, device, inference_mode):
