@@ -108,3 +108,29 @@ def test_out_of_memory_while_sampling_names_the_modes_that_fit(demo_models, monk
     monkeypatch.undo()
     latents = pipeline.sample_latents(model, conditioning, width=256, height=256, seed=1, preset="turbo", steps=2)
     assert latents["samples"].shape[-2:] == (16, 16)  # a retry works
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_whole_pipeline_on_cuda_matches_the_cpu(demo_models):
+    """Text encoder, DiT in every memory mode and VAE on the GPU in float32: the CPU's results up to float rounding
+    (cuDNN may run the VAE's convolutions in TF32), and the memory modes bit-identical to each other."""
+    prompt = "a red cube on a blue table"
+    on = {device: pipeline.encode_prompt(demo_models.text_encoder, prompt, compute_dtype="fp32", device=device)
+          for device in ("cpu", "cuda")}
+    cpu_taps, gpu_taps = on["cpu"].text_taps.float(), on["cuda"].text_taps.float().cpu()
+    assert float((gpu_taps - cpu_taps).norm() / cpu_taps.norm()) < 1e-4
+    latents = {}
+    for device, modes in (("cpu", ["gpu"]), ("cuda", ["gpu", "stream_uncond", "cpu_offload"])):
+        for mode in modes:
+            model = pipeline.load_model(demo_models.dit, device=device, memory_mode=mode, compute_dtype="fp32")
+            latents[device, mode] = pipeline.sample_latents(model, on["cpu"], width=256, height=256, seed=5,
+                                                            preset="turbo", steps=2)
+            model.offload()
+    reference = latents["cpu", "gpu"]["samples"]
+    first = latents["cuda", "gpu"]["samples"]
+    assert float((first - reference).norm() / reference.norm()) < 1e-4
+    for mode in ("stream_uncond", "cpu_offload"):
+        assert torch.equal(latents["cuda", mode]["samples"], first), mode
+    images = {device: pipeline.decode(pipeline.load_vae(demo_models.vae, dtype="fp32", device=device),
+                                      latents["cpu", "gpu"]).float().cpu() for device in ("cpu", "cuda")}
+    assert float((images["cuda"] - images["cpu"]).abs().max()) < 1e-2

@@ -43,7 +43,7 @@ torch.version.cuda, torch.cuda.get_device_name(), triton.__version__)'; $PY -c '
 print(\"bitsandbytes\", b.__version__)'; df -h . /tmp ~; free -g; nproc" ;;
         tests) stage tests $PY -m pytest -q -p no:cacheprovider -rs tests/ops/test_cuda_kernels.py \
             tests/ops/test_dequant.py tests/ops/test_linear.py tests/ops/test_triton_dequant.py \
-            tests/models/test_residency.py tests/bench ;;
+            tests/models/test_residency.py tests/bench tests/test_pipeline.py ;;
         bandwidth) stage bandwidth bench --sections bandwidth --formats q4_k --json "$OUT/bandwidth.json" ;;
         q4k) stage q4k bench --sections load steps --formats q4_k --dequant-ahead --json "$OUT/q4k.json" ;;
         # the baseline in the same run: Q4_K resident next to bf16 dense and NF4
