@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Run ON THE GPU MACHINE, in the repository root: the issue-8 measurements in the order they matter, each stage's
-# output written to $OUT as soon as it ends, so a call cut short by its time limit still returns what finished.
+# Run ON THE GPU MACHINE, in the repository root: the issue-8 measurements in the order they matter. Each stage's
+# log and JSON go to $RESULTS, and after every stage $OUT gets a fresh results.tar.gz of all of them plus
+# stages.txt (two files: a device call brings back at most 8), so a call cut short still returns what finished.
+# Unpack here with `tar -xzf results.tar.gz`.
 #
 #   bash bench/gpu/session.sh [STAGE ...]   stages: env tests bandwidth q4k dense memory card12 card8 (default: all)
 #
@@ -14,7 +16,8 @@
 # quantizes NF4), memory ~2 min, card12 / card8 ~1 min each.
 set -u
 OUT=${OUT:-$PWD/gpu_out}
-mkdir -p "$OUT"
+RESULTS=${RESULTS:-/tmp/ideogram4_gpu_session}
+mkdir -p "$OUT" "$RESULTS"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
 stages=("$@")
@@ -25,13 +28,15 @@ if ls .whl/*.whl >/dev/null 2>&1; then
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-stage() {  # stage NAME COMMAND...: run it, tee its log into $OUT, record its wall time and exit status
+stage() {  # stage NAME COMMAND...: run it, tee its log into $RESULTS, record its wall time and exit status
     local name=$1; shift
     local started=$SECONDS
     echo "=== $name: $*"
-    "$@" 2>&1 | tee "$OUT/$name.log"
+    "$@" 2>&1 | tee "$RESULTS/$name.log"
     local rc=${PIPESTATUS[0]}
-    echo "=== $name: rc $rc in $((SECONDS - started)) s" | tee -a "$OUT/stages.txt"
+    echo "=== $name: rc $rc in $((SECONDS - started)) s" | tee -a "$RESULTS/stages.txt"
+    tar -czf "$OUT/results.tar.gz.part" -C "$RESULTS" . && mv -f "$OUT/results.tar.gz.part" "$OUT/results.tar.gz"
+    cp "$RESULTS/stages.txt" "$OUT/stages.txt"
 }
 
 bench() { $PY bench/bench_pipeline.py "$@"; }
@@ -44,15 +49,15 @@ print(\"bitsandbytes\", b.__version__)'; df -h . /tmp ~; free -g; nproc" ;;
         tests) stage tests $PY -m pytest -q -p no:cacheprovider -rs tests/ops/test_cuda_kernels.py \
             tests/ops/test_dequant.py tests/ops/test_linear.py tests/ops/test_triton_dequant.py \
             tests/models/test_residency.py tests/bench tests/test_pipeline.py ;;
-        bandwidth) stage bandwidth bench --sections bandwidth --formats q4_k --json "$OUT/bandwidth.json" ;;
-        q4k) stage q4k bench --sections load steps --formats q4_k --dequant-ahead --json "$OUT/q4k.json" ;;
+        bandwidth) stage bandwidth bench --sections bandwidth --formats q4_k --json "$RESULTS/bandwidth.json" ;;
+        q4k) stage q4k bench --sections load steps --formats q4_k --dequant-ahead --json "$RESULTS/q4k.json" ;;
         # the baseline in the same run: Q4_K resident next to bf16 dense and NF4
-        dense) stage dense bench --sections steps --formats q4_k bf16 nf4 --modes gpu --json "$OUT/dense.json" ;;
-        memory) stage memory bench --sections memory --formats q4_k --json "$OUT/memory.json" ;;
+        dense) stage dense bench --sections steps --formats q4_k bf16 nf4 --modes gpu --json "$RESULTS/dense.json" ;;
+        memory) stage memory bench --sections memory --formats q4_k --json "$RESULTS/memory.json" ;;
         # the VRAM targets on the cards they are about: allocations past 12 / 8 GB fail, the decode plans for them
-        card12) stage card12 bench --sections memory --formats q4_k --modes gpu --memory-sizes 1024 --card-gb 12 --json "$OUT/card12.json" ;;
-        card8) stage card8 bench --sections memory --formats q4_k --modes stream_uncond --memory-sizes 1024 --card-gb 8 --json "$OUT/card8.json" ;;
+        card12) stage card12 bench --sections memory --formats q4_k --modes gpu --memory-sizes 1024 --card-gb 12 --json "$RESULTS/card12.json" ;;
+        card8) stage card8 bench --sections memory --formats q4_k --modes stream_uncond --memory-sizes 1024 --card-gb 8 --json "$RESULTS/card8.json" ;;
         *) echo "unknown stage $s (env tests bandwidth q4k dense memory card12 card8)"; exit 2 ;;
     esac
 done
-cat "$OUT/stages.txt"
+cat "$RESULTS/stages.txt"

@@ -32,10 +32,10 @@ def test_bench_stages_parse(tmp_path):
     stages = re.findall(r"^\s*(\w+)\) stage \w+ bench (.+?) ;;$", TEXT, flags=re.M)
     assert {name for name, _ in stages} == {"bandwidth", "q4k", "dense", "memory", "card12", "card8"}
     for name, args in stages:
-        argv = shlex.split(args.replace("$OUT", str(tmp_path)))
+        argv = shlex.split(args.replace("$RESULTS", str(tmp_path)))
         parsed = pipeline._parse(argv)
         assert parsed.json == tmp_path / f"{name}.json"
-    parse = {name: pipeline._parse(shlex.split(args.replace("$OUT", str(tmp_path)))) for name, args in stages}
+    parse = {name: pipeline._parse(shlex.split(args.replace("$RESULTS", str(tmp_path)))) for name, args in stages}
     assert set(parse["dense"].formats) == {"q4_k", "bf16", "nf4"}  # the baselines run beside Q4_K in one run
     # the VRAM targets: both branches resident on a 12 GB card, the unconditional one streamed on an 8 GB card
     assert (parse["card12"].modes, parse["card12"].card_gb, parse["card12"].memory_sizes) == (["gpu"], 12, [1024])
@@ -46,3 +46,19 @@ def test_unknown_stage_is_refused(tmp_path):
     run = subprocess.run(["bash", str(SCRIPT), "nonsense"], cwd=tmp_path, capture_output=True, text=True,
                          env={"OUT": str(tmp_path / "out"), "PATH": "/usr/bin:/bin"})
     assert run.returncode == 2 and "unknown stage nonsense" in run.stdout
+
+
+def test_results_come_back_as_two_files(tmp_path):
+    # a device call returns at most 8 files from $OUT: every stage's log and JSON travel in one archive
+    import tarfile
+
+    out, results = tmp_path / "out", tmp_path / "results"
+    for _ in range(2):  # a second stage replaces the archive and keeps the first stage's files in it
+        run = subprocess.run(["bash", str(SCRIPT), "env"], cwd=ROOT, capture_output=True, text=True,
+                             env={"OUT": str(out), "RESULTS": str(results), "PATH": "/usr/bin:/bin", "PY": "true"})
+        assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["results.tar.gz", "stages.txt"]
+    with tarfile.open(out / "results.tar.gz") as archive:
+        names = {name.lstrip("./") for name in archive.getnames()}
+    assert {"env.log", "stages.txt"} <= names
+    assert (out / "stages.txt").read_text().count("=== env: rc 0") == 2
