@@ -28,6 +28,10 @@ from ..errors import GGUFFormatError
 
 QK_K = 256
 CPU_CHUNK_WEIGHTS = 1 << 18  # measured sweet spot on a 2-core EPYC: the fp32 chunk (1 MiB) stays in L2
+# On a GPU (the torch decoder runs there where Triton is missing, e.g. most Windows installs) chunks bound the
+# float32 scratch and the nibble temporaries to ~50 MiB instead of ~7 bytes per weight: 1.8 GB for the 245 M-weight
+# text projection decoded whole, enough to push a 12 GB card over. 8 M weights is ~30 launches for that tensor.
+DEVICE_CHUNK_WEIGHTS = 1 << 23
 
 _FORMATS = {}
 _FLOAT_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
@@ -215,7 +219,8 @@ def dequantize(raw: torch.Tensor, qtype, shape, dtype: torch.dtype = torch.float
         raise ValueError(f"out must be a contiguous {dtype} tensor of {n_weights} elements on {raw.device}")
     out = out.view(n_blocks, block_size)
     scales = unpack_scales(blocks)
-    chunk = n_blocks if raw.device.type != "cpu" else max(1, CPU_CHUNK_WEIGHTS // block_size)
+    chunk_weights = CPU_CHUNK_WEIGHTS if raw.device.type == "cpu" else DEVICE_CHUNK_WEIGHTS
+    chunk = max(1, chunk_weights // block_size)
     scratch = out if dtype == torch.float32 else torch.empty(
         (min(chunk, n_blocks), block_size), dtype=torch.float32, device=raw.device)
     for start in range(0, n_blocks, chunk):

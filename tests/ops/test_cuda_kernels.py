@@ -77,3 +77,21 @@ def test_quant_linear_on_cuda_uses_the_same_weights_with_either_kernel(rng):
     assert torch.equal(weights["auto"].cpu(), _reference(packed, Q.Q4_K).to(torch.bfloat16))
     outputs = {k: layer(x.cuda()) for k, layer in layers.items()}
     assert torch.equal(outputs["auto"], outputs["torch"])
+
+
+def test_torch_decoder_on_cuda_bounds_its_scratch_memory(rng):
+    # Where Triton is missing the torch decoder runs on the GPU; decoded whole, its float32 scratch and nibble
+    # temporaries would take ~7 bytes per weight on top of the output. In chunks they stay under ~64 MiB.
+    from ideogram4_gguf.ops import dequant
+
+    rows, cols = 4096, 8192  # 33.5 M weights: four chunks
+    packed = torch.from_numpy(random_blocks(Q.Q4_K, rows, cols, rng)).cuda()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = dequantize(packed, Q.Q4_K, (rows, cols), torch.bfloat16)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base - out.numel() * out.element_size()
+    assert rows * cols > 2 * dequant.DEVICE_CHUNK_WEIGHTS
+    assert extra < (64 << 20) + rows * cols // 256 * 64, extra  # + the per-block scales, unpacked once
+    assert torch.equal(out.cpu(), _reference(packed.cpu(), Q.Q4_K).to(torch.bfloat16))

@@ -90,3 +90,26 @@ def test_wrong_byte_count_is_a_clear_error(rng):
         dequantize(torch.from_numpy(packed), Q.Q4_K, (2, 512))
     with pytest.raises(GGUFFormatError, match="multiple of 256"):
         dequant.packed_shape((4, 100), Q.Q4_K)
+
+
+def test_device_chunks_bound_the_scratch_memory(monkeypatch, rng):
+    # The chunk size used on a GPU, applied on the CPU where the allocator can be traced: the float32 scratch and
+    # nibble temporaries stay near one chunk's worth instead of ~6 bytes per weight of the whole tensor.
+    from ideogram4_gguf.bench.instrument import cpu_transient_peak
+
+    rows, cols = 2048, 8192  # 16.8 M weights: two device chunks
+    packed = torch.from_numpy(random_blocks(Q.Q4_K, rows, cols, rng))
+    out_bytes = rows * cols * 2
+    extra = {}
+    for name, chunk in (("device", dequant.DEVICE_CHUNK_WEIGHTS), ("whole", rows * cols)):
+        monkeypatch.setattr(dequant, "CPU_CHUNK_WEIGHTS", chunk)
+        out, peak = cpu_transient_peak(lambda: dequant.dequantize(packed, Q.Q4_K, (rows, cols), torch.bfloat16))
+        if peak is None:
+            pytest.skip("this torch build does not report allocation events")
+        assert torch.equal(out, torch.from_numpy(quants.dequantize(packed.numpy(), Q.Q4_K)).to(torch.bfloat16))
+        extra[name] = peak - out_bytes
+    scales = rows * cols // 256 * 64  # the per-block scale and offset, unpacked once for the whole tensor
+    # ~6 bytes per weight of one chunk (4 of float32 scratch, 1 of masked and shifted nibbles, 1 of their stack;
+    # measured 6.0), 7 leaves room for allocator rounding
+    assert extra["device"] <= dequant.DEVICE_CHUNK_WEIGHTS * 7 + scales, extra
+    assert extra["whole"] > rows * cols * 5  # what chunking avoids
