@@ -12,10 +12,14 @@ def f16_at(ptr, mask):
 
 
 @triton.jit
-def store(ptr, w, mask, OUT_BF16: tl.constexpr):
-    if OUT_BF16:
-        # Round float32 -> bf16 to nearest even in integer arithmetic: Triton's interpreter truncates in
-        # its float cast, the GPU rounds; doing it by hand makes both paths (and the tests) agree with torch.
+def store(ptr, w, mask, OUT_BF16: tl.constexpr, BY_HAND: tl.constexpr):
+    if OUT_BF16 and not BY_HAND:
+        # the GPU's conversion rounds to nearest even, as torch does (one instruction per pair of weights)
+        tl.store(ptr, w.to(tl.bfloat16).to(tl.int16, bitcast=True), mask=mask)
+    elif OUT_BF16:
+        # Triton's interpreter truncates in its float cast: there (BY_HAND) round to nearest even in integer
+        # arithmetic, so the CPU tests check the same bits the GPU writes. On a GPU this would cost a third
+        # of the Q4_K kernel's instructions (SASS counts in docs/PERF.md).
         bits = w.to(tl.int32, bitcast=True)
         rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
         rounded = tl.where(w != w, 0x7FC0, rounded)
@@ -36,7 +40,7 @@ def q4_k_scale_min(base, j, mask):
 
 
 @triton.jit
-def q4_k(src, dst, n_blocks, BLOCKS: tl.constexpr, OUT_BF16: tl.constexpr):
+def q4_k(src, dst, n_blocks, BLOCKS: tl.constexpr, OUT_BF16: tl.constexpr, BY_HAND: tl.constexpr):
     # Laid out as the data is: (block, chunk c of 32 bytes, byte i). Byte i of chunk c holds weight c*64 + i in its
     # low nibble (sub-block 2c) and weight c*64 + 32 + i in its high nibble (sub-block 2c + 1), so the 32 bytes
     # are read as one contiguous run, each scale pair once per sub-block, and each half is stored as 32
@@ -53,12 +57,12 @@ def q4_k(src, dst, n_blocks, BLOCKS: tl.constexpr, OUT_BF16: tl.constexpr):
     byte = tl.load(base + 16 + c * 32 + i, mask=mask, other=0).to(tl.int32)
     out = dst + block * 256 + c * 64 + i
     # every product is exact in float32 (f16 x 6 bits x 4 bits), so fused or not, one rounding: the subtraction
-    store(out, (d * sc_low) * (byte & 15).to(tl.float32) - dmin * m_low, mask, OUT_BF16)
-    store(out + 32, (d * sc_high) * (byte >> 4).to(tl.float32) - dmin * m_high, mask, OUT_BF16)
+    store(out, (d * sc_low) * (byte & 15).to(tl.float32) - dmin * m_low, mask, OUT_BF16, BY_HAND)
+    store(out + 32, (d * sc_high) * (byte >> 4).to(tl.float32) - dmin * m_high, mask, OUT_BF16, BY_HAND)
 
 
 @triton.jit
-def q4_k_gather(src, dst, n_blocks, BLOCKS: tl.constexpr, OUT_BF16: tl.constexpr):
+def q4_k_gather(src, dst, n_blocks, BLOCKS: tl.constexpr, OUT_BF16: tl.constexpr, BY_HAND: tl.constexpr):
     # The first Q4_K kernel, one output weight per element with its bytes gathered by index; kept only as the
     # benchmark's comparison until a GPU run picks between the two (docs/PERF.md).
     block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)[:, None]
@@ -73,11 +77,11 @@ def q4_k_gather(src, dst, n_blocks, BLOCKS: tl.constexpr, OUT_BF16: tl.constexpr
     byte = tl.load(base + 16 + (i // 64) * 32 + within % 32, mask=mask, other=0).to(tl.int32)
     q = tl.where(within < 32, byte & 15, byte >> 4).to(tl.float32)
     w = (d * sc) * q - dmin * m
-    store(dst + block * 256 + i, w, mask, OUT_BF16)
+    store(dst + block * 256 + i, w, mask, OUT_BF16, BY_HAND)
 
 
 @triton.jit
-def q6_k(src, dst, n_blocks, BLOCKS: tl.constexpr, OUT_BF16: tl.constexpr):
+def q6_k(src, dst, n_blocks, BLOCKS: tl.constexpr, OUT_BF16: tl.constexpr, BY_HAND: tl.constexpr):
     block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)[:, None]
     i = tl.arange(0, 256)[None, :]
     mask = block < n_blocks
@@ -92,15 +96,15 @@ def q6_k(src, dst, n_blocks, BLOCKS: tl.constexpr, OUT_BF16: tl.constexpr):
     q = ((low | (high << 4)) - 32).to(tl.float32)
     sc = tl.load(base + 192 + i // 16, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
     w = (d * sc) * q
-    store(dst + block * 256 + i, w, mask, OUT_BF16)
+    store(dst + block * 256 + i, w, mask, OUT_BF16, BY_HAND)
 
 
 @triton.jit
-def q8_0(src, dst, n_blocks, BLOCKS: tl.constexpr, OUT_BF16: tl.constexpr):
+def q8_0(src, dst, n_blocks, BLOCKS: tl.constexpr, OUT_BF16: tl.constexpr, BY_HAND: tl.constexpr):
     block = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)[:, None]
     i = tl.arange(0, 32)[None, :]
     mask = block < n_blocks
     base = src + block * 34
     d = f16_at(base, mask)
     q = tl.load(base + 2 + i, mask=mask, other=0).to(tl.int8, bitcast=True).to(tl.float32)
-    store(dst + block * 32 + i, q * d, mask, OUT_BF16)
+    store(dst + block * 32 + i, q * d, mask, OUT_BF16, BY_HAND)

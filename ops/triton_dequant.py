@@ -11,6 +11,7 @@ Triton is imported lazily, on the first kernel call, so importing the pack stays
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import os
 import warnings
@@ -18,9 +19,11 @@ import warnings
 import torch
 from gguf import GGMLQuantizationType as Q
 
-# Launch shape: GGUF blocks decoded by one program (a power of two) and warps per program. Defaults chosen without a
-# GPU; `bench/bench_pipeline.py --sections bandwidth` sweeps both on the device it runs on (docs/PERF.md).
-BLOCKS_PER_PROGRAM = 8
+# Launch shape: GGUF blocks decoded by one program (a power of two) and warps per program. Chosen without a GPU,
+# from the compiled code (`bench/triton_sass.py`): 16 blocks per program issue 0.305 warp instructions per Q4_K
+# weight on sm_90, 8 blocks 0.365 (the scale unpacking is shared by more weights). `bench/bench_pipeline.py
+# --sections bandwidth` sweeps both on the GPU it runs on (docs/PERF.md).
+BLOCKS_PER_PROGRAM = 16
 NUM_WARPS = 4
 
 
@@ -73,7 +76,7 @@ def dequantize(packed: torch.Tensor, qtype, shape, dtype=torch.float32, *, block
     out_bf16 = dtype == torch.bfloat16
     target = out.view(torch.int16) if out_bf16 else out
     kernel[grid](packed.reshape(-1), target.reshape(-1), n_blocks, BLOCKS=blocks_per_program, OUT_BF16=out_bf16,
-                 num_warps=num_warps or NUM_WARPS)
+                 BY_HAND=_interpreting(), num_warps=num_warps or NUM_WARPS, enable_fp_fusion=True)
     return out
 
 
@@ -92,7 +95,9 @@ def _warn_once(message):
 @functools.cache
 def _kernels():
     # Triton resolves helper kernels through module globals, so the kernels live in their own module,
-    # imported (with Triton) only now.
+    # imported (with Triton) only now. Triton reads TRITON_INTERPRET when a kernel is decorated: the module is
+    # (re)executed here, so clearing this cache after switching it (the tests do) gets kernels of the new kind.
     from . import _triton_kernels as k
 
+    k = importlib.reload(k)
     return {Q.Q4_K: k.q4_k, Q.Q6_K: k.q6_k, Q.Q8_0: k.q8_0, (Q.Q4_K, "gather"): k.q4_k_gather}
