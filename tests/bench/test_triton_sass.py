@@ -54,3 +54,12 @@ def test_cost_table_rows():
         pytest.skip(str(exc))
     assert row["instructions_per_thread"] > 0 and row["loads"] and row["stores"]
     assert row["warp_instructions_per_weight"] == pytest.approx(row["instructions_per_thread"] * 4 / (8 * 256))
+
+
+def test_every_launch_shape_of_the_gpu_sweep_compiles():
+    # the bandwidth stage times these on the GPU; a shape that does not compile would end that stage there
+    from ideogram4_gguf.bench.instrument import TRITON_LAUNCHES
+
+    for variant, blocks, warps in TRITON_LAUNCHES:
+        compiled = _compile("q4_k" if variant is None else f"q4_k_{variant}", 90, blocks=blocks, warps=warps)
+        assert compiled.asm["cubin"], (variant, blocks, warps)
