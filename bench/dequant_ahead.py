@@ -24,10 +24,11 @@ from ..ops import QuantLinear
 
 
 class DequantAhead:
-    def __init__(self, branches, device, max_ahead: int = 2):
+    def __init__(self, branches, device, max_ahead: int = 2, priority: int = 0):
+        """priority: of the side stream (CUDA: lower is more urgent; torch clamps to the device's range)."""
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.side = torch.cuda.Stream(self.device) if self.cuda else None
+        self.side = torch.cuda.Stream(self.device, priority=priority) if self.cuda else None
         self.max_ahead = max_ahead
         self.successor: dict[int, QuantLinear] = {}
         self.ready: dict[int, tuple[torch.Tensor, object]] = {}

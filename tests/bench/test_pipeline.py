@@ -25,7 +25,8 @@ def report(tmp_path_factory):
     try:
         with contextlib.redirect_stdout(printed):
             pipeline.main(["--model", "tiny", "--device", "cpu", "--threads", "1", "--repeats", "1", "--text-tokens",
-                           "16", "--cache-dir", str(folder / "cache"), "--json", str(folder / "out.json")])
+                           "16", "--dequant-ahead", "--cache-dir", str(folder / "cache"), "--json",
+                           str(folder / "out.json")])
     finally:
         torch.set_num_threads(threads)
     report = json.loads((folder / "out.json").read_text())
@@ -54,7 +55,7 @@ def test_bandwidth_and_load(report):
 
 def test_steps_and_breakdown(report):
     steps = report["steps"]
-    assert set(steps) - {"nf4"} == {"q4_k", "bf16"} and set(steps["q4_k"]) == set(MODES)
+    assert set(steps) - {"nf4"} == {"q4_k", "bf16"} and set(steps["q4_k"]) == {*MODES, "gpu+ahead", "gpu+ahead-hi"}
     assert all(set(steps[fmt]) == {"gpu"} for fmt in steps if fmt != "q4_k")
     for fmt, runs in steps.items():
         for mode, run in runs.items():
@@ -75,6 +76,10 @@ def test_steps_and_breakdown(report):
     comparisons = report["comparisons"]
     assert comparisons["q4_k/stream_uncond_vs_q4_k/gpu_latent_rel_diff"] == 0
     assert comparisons["q4_k/cpu_offload_vs_q4_k/gpu_latent_rel_diff"] == 0
+    # decoding the next Linear ahead (side stream on a GPU, in order here) hands every layer its own weight
+    for label in ("gpu+ahead", "gpu+ahead-hi"):
+        assert comparisons[f"q4_k/{label}_vs_q4_k/gpu_latent_rel_diff"] == 0
+        assert steps["q4_k"][label]["decoded_ahead"] > 0
     # bf16 dense is the Q4_K file decoded and rounded to bf16: the same model up to that rounding
     assert 0 < comparisons["bf16/gpu_vs_q4_k/gpu_latent_rel_diff"] < 0.02
     assert comparisons["q4_k_vs_bf16_step"] > 0 and comparisons["stream_uncond_slowdown"] > 0
