@@ -29,7 +29,7 @@ from ..errors import GGUFFormatError
 QK_K = 256
 CPU_CHUNK_WEIGHTS = 1 << 18  # measured sweet spot on a 2-core EPYC: the fp32 chunk (1 MiB) stays in L2
 # On a GPU (the torch decoder runs there where Triton is missing, e.g. most Windows installs) chunks bound the
-# float32 scratch and the nibble temporaries to ~50 MiB instead of ~7 bytes per weight: 1.8 GB for the 245 M-weight
+# float32 scratch and the nibble temporaries to ~48 MiB instead of ~6 bytes per weight: ~1.5 GB for the 245 M-weight
 # text projection decoded whole, enough to push a 12 GB card over. 8 M weights is ~30 launches for that tensor.
 DEVICE_CHUNK_WEIGHTS = 1 << 23
 
