@@ -17,21 +17,25 @@ from ideogram4_gguf.bench import pipeline
 MODES = ("gpu", "stream_uncond", "cpu_offload")
 
 
-@pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("bench")
+def run_tiny_bench(folder, *options) -> dict:
+    """The benchmark on the tiny model on the CPU (one thread, 16 text tokens): its JSON, plus what it printed."""
+    out = folder / f"out{len(list(folder.glob('out*.json')))}.json"
     threads = torch.get_num_threads()
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):
-            pipeline.main(["--model", "tiny", "--device", "cpu", "--threads", "1", "--repeats", "1", "--text-tokens",
-                           "16", "--dequant-ahead", "--cache-dir", str(folder / "cache"), "--json",
-                           str(folder / "out.json")])
+            pipeline.main(["--model", "tiny", "--device", "cpu", "--threads", "1", "--text-tokens", "16",
+                           "--cache-dir", str(folder / "cache"), "--json", str(out), *options])
     finally:
         torch.set_num_threads(threads)
-    report = json.loads((folder / "out.json").read_text())
+    report = json.loads(out.read_text())
     report["_printed"] = printed.getvalue()
     return report
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    return run_tiny_bench(tmp_path_factory.mktemp("bench"), "--repeats", "1", "--dequant-ahead")
 
 
 def test_header_files_and_skips(report):
@@ -145,7 +149,8 @@ def test_triton_launch_sweep(monkeypatch, report):
     assert [(r["variant"], r["blocks_per_program"], r["num_warps"]) for r in launches] == [
         ("default", 2, 2), ("gather", 4, 4)]
     assert all(r["GBps"] > 0 and r["seconds"] > 0 for r in launches)
-    best = result["kernels"]["triton (best launch)"]
+    best = result["triton_best_launch"]
+    assert set(result["kernels"]) == {"torch", "triton"}  # what ships; the target is judged on these
     assert best["GBps"] == max(r["GBps"] for r in launches)
     assert best["default"] == ("default", triton_dequant.BLOCKS_PER_PROGRAM, triton_dequant.NUM_WARPS)
     # the table names the sweep's winner next to what ships
@@ -158,16 +163,7 @@ def test_simulated_card_steers_the_decode_plan(tmp_path):
     # --card-gb: on a GPU the allocator is capped there; on any device the decode plans for what such a card has
     # left after the resident weights. A card just large enough for the tiny model's weights forces tiles.
     def memory_rows(*extra):
-        out = tmp_path / f"memory{len(extra)}.json"
-        threads = torch.get_num_threads()
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                pipeline.main(["--model", "tiny", "--device", "cpu", "--threads", "1", "--sections", "memory",
-                               "--modes", "gpu", "--text-tokens", "16", "--cache-dir", str(tmp_path / "cache"),
-                               "--json", str(out), *extra])
-        finally:
-            torch.set_num_threads(threads)
-        (row,) = json.loads(out.read_text())["memory"]["measured"]
+        (row,) = run_tiny_bench(tmp_path, "--sections", "memory", "--modes", "gpu", *extra)["memory"]["measured"]
         return row
 
     roomy, small = memory_rows(), memory_rows("--card-gb", "0.02")
