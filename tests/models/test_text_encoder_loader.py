@@ -212,10 +212,11 @@ def test_comfyui_old_scaled_fp8_in_qwen3_layout(tiny, tmp_path):
 
 # --- GGUF quantized -----------------------------------------------------------------------------------------
 
-def test_llama_cpp_gguf_q8_0(tiny, tmp_path):
+def _llama_cpp_q8_0(state):
+    """llama.cpp GGUF tensors of a state dict (Linears and the embedding in Q8_0 by gguf-py, the rest as they are),
+    and the weights they decode to."""
     from gguf import quants
 
-    state, _ = tiny
     tensors, dequantized = {}, {}
     for k, v in state.items():
         if _is_linear(k) or k == "embed_tokens.weight":
@@ -223,8 +224,13 @@ def test_llama_cpp_gguf_q8_0(tiny, tmp_path):
             tensors[to_llama_cpp(k)] = (Q.Q8_0, packed)
             dequantized[k] = torch.from_numpy(quants.dequantize(packed, Q.Q8_0))
         else:
-            tensors[to_llama_cpp(k)] = v.numpy()
-            dequantized[k] = v
+            tensors[to_llama_cpp(k)], dequantized[k] = v.numpy(), v
+    return tensors, dequantized
+
+
+def test_llama_cpp_gguf_q8_0(tiny, tmp_path):
+    state, _ = tiny
+    tensors, dequantized = _llama_cpp_q8_0(state)
     path = write_gguf(tmp_path / "qwen3vl-q8_0.gguf", tensors)
     encoder = load_text_encoder(path, compute_dtype=torch.float32, embed_device="cpu")
     assert isinstance(encoder.embed_tokens, QuantizedEmbedding)
@@ -294,8 +300,6 @@ def tap_errors(out, reference):
 
 @pytest.mark.parametrize("layout, bounds", [("official fp8", (0.08, 0.16)), ("GGUF Q8_0", (0.025, 0.05))])
 def test_quantized_layouts_stay_close_to_float_weights(layout, bounds, wide_state, tmp_path):
-    from gguf import quants
-
     ids = [5, 300, 12, 511, 64]
     if layout == "official fp8":
         stored, dequantized = _fp8_files(wide_state, fp8_per_row, "language_model.")
@@ -304,14 +308,7 @@ def test_quantized_layouts_stay_close_to_float_weights(layout, bounds, wide_stat
         save_file(stored, tmp_path / "model.safetensors")
         path = tmp_path / "model.safetensors"
     else:
-        tensors, dequantized = {}, {}
-        for k, v in wide_state.items():
-            if _is_linear(k) or k == "embed_tokens.weight":
-                packed = quants.quantize(v.numpy(), Q.Q8_0)
-                tensors[to_llama_cpp(k)] = (Q.Q8_0, packed)
-                dequantized[k] = torch.from_numpy(quants.dequantize(packed, Q.Q8_0))
-            else:
-                tensors[to_llama_cpp(k)], dequantized[k] = v.numpy(), v
+        tensors, dequantized = _llama_cpp_q8_0(wide_state)
         path = write_gguf(tmp_path / "q8_0.gguf", tensors)
     out = load_text_encoder(path, compute_dtype=torch.float32)(ids)
     assert torch.equal(out, features(dequantized, ids=ids))

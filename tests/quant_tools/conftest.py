@@ -99,23 +99,23 @@ def write_sharded(state, folder, stem="diffusion_pytorch_model", shards=2):
     (folder / f"{stem}.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
-@pytest.fixture(scope="session")
-def tiny_models():
-    """{"cond"|"uncond": (official fused float32 state dict, diffusers split state dict, config)} at TINY dims."""
+def _branch_models(dims, cond_seed, uncond_seed):
+    """{"cond"|"uncond": (official fused float32 state dict, diffusers split state dict, config)} at `dims`."""
     models = {}
-    for role, seed in (("cond", 1), ("uncond", 2)):
-        split, config = diffusers_state_dict(TINY, seed)
+    for role, seed in (("cond", cond_seed), ("uncond", uncond_seed)):
+        split, config = diffusers_state_dict(dims, seed)
         models[role] = (fuse_attention(split), split, config)
     return models
+
+
+@pytest.fixture(scope="session")
+def tiny_models():
+    return _branch_models(TINY, 1, 2)
 
 
 @pytest.fixture(scope="session")
 def small_models():
-    models = {}
-    for role, seed in (("cond", 3), ("uncond", 4)):
-        split, config = diffusers_state_dict(SMALL, seed)
-        models[role] = (fuse_attention(split), split, config)
-    return models
+    return _branch_models(SMALL, 3, 4)
 
 
 @pytest.fixture(scope="session")
