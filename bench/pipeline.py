@@ -345,46 +345,51 @@ def measure_memory_cuda(cond, uncond, device, modes, sizes, text_tokens, vae, pr
     """Peak device memory of the whole pipeline per mode and size. With `card_bytes`, a card of that size is
     simulated: the caching allocator is capped there (an allocation past it fails as on that card, recorded as
     `out_of_memory`) and the decode plans for the memory such a card would have left."""
-    rows = []
-    config = cond.config
     total = torch.cuda.get_device_properties(device).total_memory
     if card_bytes is not None:
         torch.cuda.set_per_process_memory_fraction(min(card_bytes / total, 1.0), device)
     try:
+        rows = []
         for mode in modes:
             for side in sizes:
                 gc.collect()
                 torch.cuda.empty_cache()
-                row = {"mode": mode, "side": side, "measured": True, "with_decode": vae is not None,
-                       "card_bytes": card_bytes, "out_of_memory": False}
-                placement = None
-                try:
-                    with cuda_peak(device) as record:  # the VAE weights count: it moves in inside the measured block
-                        placement = place_branches(cond, uncond, device, mode, prefetch=prefetch)
-                        if vae is not None:
-                            vae.to(device)
-                        features = _features(config, text_tokens, device, seed)
-                        started = time.perf_counter()
-                        row.update(_pipeline_once(cond, uncond, features, side, vae, seed, card_bytes,
-                                                  lambda: torch.cuda.memory_allocated(device)))
-                        del features
-                    torch.cuda.synchronize(device)
-                    row["pipeline_s"] = time.perf_counter() - started
-                except torch.cuda.OutOfMemoryError as exc:
-                    row["out_of_memory"] = str(exc).splitlines()[0]
-                    _log(f"memory {mode} {side}: out of memory on the simulated {card_bytes / 1e9:.0f} GB card")
-                row.update(peak_bytes=None if row["out_of_memory"] else record["peak_bytes"],
-                           peak_reserved_bytes=None if row["out_of_memory"] else record["peak_reserved_bytes"],
-                           weights_on_device_bytes=placement.device_bytes if placement else None)
-                rows.append(row)
-                if placement is not None:
-                    placement.release()
-                if vae is not None:
-                    vae.to("cpu")
+                rows.append(_memory_row_cuda(cond, uncond, device, mode, side, text_tokens, vae, prefetch, seed,
+                                             card_bytes))
+        return rows
     finally:
         if card_bytes is not None:
             torch.cuda.set_per_process_memory_fraction(1.0, device)
-    return rows
+
+
+def _memory_row_cuda(cond, uncond, device, mode, side, text_tokens, vae, prefetch, seed, card_bytes) -> dict:
+    row = {"mode": mode, "side": side, "measured": True, "with_decode": vae is not None, "card_bytes": card_bytes,
+           "out_of_memory": False}
+    placement = None
+    try:
+        with cuda_peak(device) as record:  # the VAE weights count: it moves in inside the measured block
+            placement = place_branches(cond, uncond, device, mode, prefetch=prefetch)
+            if vae is not None:
+                vae.to(device)
+            features = _features(cond.config, text_tokens, device, seed)
+            started = time.perf_counter()
+            row.update(_pipeline_once(cond, uncond, features, side, vae, seed, card_bytes,
+                                      lambda: torch.cuda.memory_allocated(device)))
+            del features
+        torch.cuda.synchronize(device)
+        row.update(pipeline_s=time.perf_counter() - started, peak_bytes=record["peak_bytes"],
+                   peak_reserved_bytes=record["peak_reserved_bytes"])
+    except torch.cuda.OutOfMemoryError as exc:
+        row.update(out_of_memory=str(exc).splitlines()[0], peak_bytes=None, peak_reserved_bytes=None)
+        card = f"the simulated {card_bytes / 1e9:g} GB card" if card_bytes else str(device)
+        _log(f"memory {mode} {side}: out of memory on {card}")
+    finally:
+        row["weights_on_device_bytes"] = placement.device_bytes if placement else None
+        if placement is not None:
+            placement.release()
+        if vae is not None:
+            vae.to("cpu")
+    return row
 
 
 def measure_memory_cpu(cond, uncond, modes, side, text_tokens, vae, prefetch, seed, card_bytes=None) -> list[dict]:
