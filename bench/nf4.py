@@ -6,8 +6,8 @@ moves to the GPU (bitsandbytes' documented way: `load_state_dict` of the float w
 with an absmax each, no double quantization: the diffusers / transformers default (`bnb_4bit_use_double_quant=False`).
 At more than one token per forward bitsandbytes decodes the 4-bit weight and multiplies (gguf-and-kernels.md §6.2):
 the same shape of work as our Q4_K path, which is why this is the comparison the issue asks for. Older releases ran
-`dequantize_4bit` + `F.linear`; 0.50 runs one op, `torch.ops.bitsandbytes.gemm_4bit`, which the benchmark's
-breakdown counts as GEMM.
+`dequantize_4bit` + `F.linear`; 0.50 runs one op, `torch.ops.bitsandbytes.gemm_4bit`, fused or decode + `F.linear`
+by batch size, which the benchmark's breakdown splits accordingly (bench/instrument.py `Breakdown._category`).
 
 Everything else (norms, biases, the image indicator) moves to the device as it is. bitsandbytes >= 0.48 runs
 these layers on the CPU as well, which is how CI exercises this module (tests/bench/test_pipeline.py); no machine

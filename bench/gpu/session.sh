@@ -4,15 +4,15 @@
 # stages.txt (two files: a device call brings back at most 8), so a call cut short still returns what finished.
 # Unpack here with `tar -xzf results.tar.gz`.
 #
-#   bash bench/gpu/session.sh [STAGE ...]   stages: env tests bandwidth q4k dense memory card12 card8 (default: all)
+#   bash bench/gpu/session.sh [STAGE ...]   stages: see ALL below (default: all of them, in that order)
 #
 # Typical device call (bench/gpu/wheels.sh first, here):
 #   run(command="timeout 570 bash bench/gpu/session.sh", carry=[".whl"], timeout_s=600)
 # then, if stages are missing, a second call with just those (the synthetic model files stay cached under
 # $IDEOGRAM4_BENCH_CACHE only while the machine is warm: 30 s after a call).
 #
-# Stage times expected on an H100 (computed, not measured): env+tests ~2 min, bandwidth ~1 min (15 launch
-# shapes to compile), q4k ~3 min (builds the 10.4 GB GGUF once), dense ~4 min (writes the 37 GB bf16 folder once,
+# Stage times expected on an H100 (computed, not measured): env+tests ~2 min, bandwidth ~1 min (30 kernel x
+# launch shapes to compile), q4k ~3 min (builds the 10.4 GB GGUF once), dense ~4 min (writes the 37 GB bf16 folder once,
 # quantizes NF4), memory ~2 min, card12 / card8 ~1 min each.
 set -u
 OUT=${OUT:-$PWD/gpu_out}
@@ -20,8 +20,9 @@ RESULTS=${RESULTS:-/tmp/ideogram4_gpu_session}
 mkdir -p "$OUT" "$RESULTS"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
+ALL=(env tests bandwidth q4k card12 card8 dense memory)
 stages=("$@")
-[ ${#stages[@]} -gt 0 ] || stages=(env tests bandwidth q4k card12 card8 dense memory)
+[ ${#stages[@]} -gt 0 ] || stages=("${ALL[@]}")
 
 if ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -57,7 +58,7 @@ print(\"bitsandbytes\", b.__version__)'; df -h . /tmp ~; free -g; nproc" ;;
         # the VRAM targets on the cards they are about: allocations past 12 / 8 GB fail, the decode plans for them
         card12) stage card12 bench --sections memory --formats q4_k --modes gpu --memory-sizes 1024 --card-gb 12 --json "$RESULTS/card12.json" ;;
         card8) stage card8 bench --sections memory --formats q4_k --modes stream_uncond --memory-sizes 1024 --card-gb 8 --json "$RESULTS/card8.json" ;;
-        *) echo "unknown stage $s (env tests bandwidth q4k dense memory card12 card8)"; exit 2 ;;
+        *) echo "unknown stage $s (${ALL[*]})"; exit 2 ;;
     esac
 done
 cat "$RESULTS/stages.txt"
