@@ -23,3 +23,12 @@ def random_blocks(qtype, rows, cols, rng):
         data[:, offset:offset + 2] = scale.view(np.uint8).reshape(n_blocks, 2)
     return data.reshape(rows, cols // block_size * type_size)
 
+
+
+# The Triton kernels as (type, variant) pairs: variant None is the type's kernel, "gather" the first Q4_K kernel.
+TRITON_KERNELS = [(Q.Q4_K, None), (Q.Q4_K, "gather"), (Q.Q6_K, None), (Q.Q8_0, None)]
+
+
+def triton_kernel_id(case):
+    qtype, variant = case
+    return qtype.name + (f"-{variant}" if variant else "")

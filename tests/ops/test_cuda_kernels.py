@@ -12,18 +12,17 @@ from gguf import quants
 
 from ideogram4_gguf.ops import QuantLinear, dequantize, triton_dequant
 
-from .conftest import QUANT_TYPES, random_blocks
+from .conftest import QUANT_TYPES, TRITON_KERNELS, random_blocks, triton_kernel_id
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 
-KERNELS = [(Q.Q4_K, None), (Q.Q4_K, "gather"), (Q.Q6_K, None), (Q.Q8_0, None)]
 
 
 def _reference(packed: torch.Tensor, qtype) -> torch.Tensor:
     return torch.from_numpy(quants.dequantize(packed.numpy(), qtype))
 
 
-@pytest.mark.parametrize("case", KERNELS, ids=lambda c: c[0].name + (f"-{c[1]}" if c[1] else ""))
+@pytest.mark.parametrize("case", TRITON_KERNELS, ids=triton_kernel_id)
 @pytest.mark.parametrize("shape", [(5, 768), (1536, 4608)], ids=["15-blocks", "mlp-slice"])
 def test_compiled_triton_kernel_matches_gguf_py(case, shape, rng):
     if not triton_dequant.available():

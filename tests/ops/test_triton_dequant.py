@@ -7,7 +7,7 @@ from gguf import quants
 
 from ideogram4_gguf.ops import triton_dequant
 
-from .conftest import random_blocks
+from .conftest import TRITON_KERNELS, random_blocks, triton_kernel_id
 
 pytest.importorskip("triton", reason="the Triton kernels are tested only where Triton is installed")
 
@@ -21,15 +21,7 @@ def interpreter(monkeypatch):
     triton_dequant._kernels.cache_clear()
 
 
-KERNELS = [(Q.Q4_K, None), (Q.Q4_K, "gather"), (Q.Q6_K, None), (Q.Q8_0, None)]
-
-
-def kernel_id(case):
-    qtype, variant = case
-    return qtype.name + (f"-{variant}" if variant else "")
-
-
-@pytest.mark.parametrize("case", KERNELS, ids=kernel_id)
+@pytest.mark.parametrize("case", TRITON_KERNELS, ids=triton_kernel_id)
 def test_kernel_matches_gguf_py(case, interpreter, rng):
     qtype, variant = case
     rows, cols = 5, 768  # 15 super-blocks: fewer than one program of the default 16, and not a multiple of 2, 4 or 8
