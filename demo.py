@@ -255,9 +255,13 @@ def run_demo(out="demo.png", models_dir=None, seed=0, log=print) -> list[str]:
     # The toy VAE has the real 32 latent channels, so the official de-normalisation constants apply.
     image = pipeline.decode(vae, latent)
     written = pipeline.save_png(image, out)
-    log(f"4. decoded by the FLUX.2 VAE decoder: image {tuple(image.shape)} -> {', '.join(written)}")
+    log(f"4. decoded by the FLUX.2 VAE decoder: image {tuple(image.shape)}")
     log(f"done in {time.perf_counter() - started:.1f} s. The weights are random, so the picture is noise.")
-    log("For real images: `python -m ideogram4_gguf download --models-dir <ComfyUI>/models` (needs access to the "
-        "gated ideogram-ai/ideogram-4-fp8 repo), then `python -m ideogram4_gguf generate \"...\" --dit ... "
-        "--text-encoder ... --vae ...` or the ComfyUI workflows in workflows/ (README).")
+    log("image: " + ", ".join(os.path.abspath(path) for path in written))
+    log("next:\n"
+        "  - the tiny models in ComfyUI's folder layout: python -m ideogram4_gguf demo --write-models DIR\n"
+        "  - real images: python -m ideogram4_gguf download --models-dir <ComfyUI>/models (needs access to the gated\n"
+        "    ideogram-ai/ideogram-4-fp8 repo), then python -m ideogram4_gguf generate \"...\" --dit ... "
+        "--text-encoder ... --vae ...\n"
+        "  - in ComfyUI: install the pack and open a workflow from workflows/ (README, 'Install in ComfyUI')")
     return written

@@ -96,6 +96,8 @@ class Ideogram4Model:
         """Free the device copies (the packed weights stay memory-mapped on the CPU)."""
         if self.placement is not None:
             self.placement.release()
+            logger.info("Ideogram 4 DiT: released its %s copies (memory mode %s)", self.placement.device,
+                        self.placement.mode)
             self.placement = None
 
     def summary(self) -> str:

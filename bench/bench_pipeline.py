@@ -1,4 +1,4 @@
-"""Run the issue-8 benchmark (bench/pipeline.py) from a source checkout: `python bench/bench_pipeline.py --help`."""
+"""Run the pipeline benchmark (bench/pipeline.py) from a source checkout: `python bench/bench_pipeline.py --help`."""
 
 import pathlib
 import sys

@@ -1,6 +1,6 @@
 """Experiment: dequantize the next Q4_K Linear on a side CUDA stream while the current one's GEMM runs.
 
-gguf-and-kernels.md §6.2 suggests it: the GEMMs are compute-bound and leave DRAM bandwidth idle, the dequant kernel
+docs/spec.md §G6.2 suggests it: the GEMMs are compute-bound and leave DRAM bandwidth idle, the dequant kernel
 is bandwidth-bound, so running the next layer's decode beside the current GEMM could hide part of the ~2-8 % the
 decode costs (computed: 8 ms per forward on an H100 against 100-150 ms of GEMMs). Whether the GPU actually runs
 the two kernels side by side (a GEMM may fill every SM) is what the benchmark measures: `--dequant-ahead` adds a

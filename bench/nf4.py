@@ -4,10 +4,11 @@ Every plain `nn.Linear` of a dense branch (loaded on the CPU from the bf16 folde
 `Linear4bit` with quant_type "nf4" and the compute dtype of the branch; the weights are quantized when the layer
 moves to the GPU (bitsandbytes' documented way: `load_state_dict` of the float weights, then `.to("cuda")`). Blocks of 64 weights
 with an absmax each, no double quantization: the diffusers / transformers default (`bnb_4bit_use_double_quant=False`).
-At more than one token per forward bitsandbytes decodes the 4-bit weight and multiplies (gguf-and-kernels.md §6.2):
-the same shape of work as our Q4_K path, which is why this is the comparison the issue asks for. Older releases ran
-`dequantize_4bit` + `F.linear`; 0.50 runs one op, `torch.ops.bitsandbytes.gemm_4bit`, fused or decode + `F.linear`
-by batch size, which the benchmark's breakdown splits accordingly (bench/instrument.py `Breakdown._category`).
+At more than one token per forward bitsandbytes decodes the 4-bit weight and multiplies (docs/spec.md §G6.2):
+the same shape of work as our Q4_K path, which is why NF4 is the baseline the Q4_K timings are held against.
+Older releases ran `dequantize_4bit` + `F.linear`; 0.50 runs one op, `torch.ops.bitsandbytes.gemm_4bit`, fused or
+decode + `F.linear` by batch size, which the benchmark's breakdown splits accordingly (bench/instrument.py
+`Breakdown._category`).
 
 Everything else (norms, biases, the image indicator) moves to the device as it is. bitsandbytes >= 0.48 runs
 these layers on the CPU as well, which is how CI exercises this module (tests/bench/test_pipeline.py); no machine

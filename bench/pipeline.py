@@ -1,4 +1,4 @@
-"""The issue-8 benchmark: Q4_K vs bf16 dense vs NF4, memory modes, load time, on one device in one run.
+"""The pipeline benchmark: Q4_K vs bf16 dense vs NF4, memory modes, load time, on one device in one run.
 
     python bench/bench_pipeline.py                       # CUDA: full size, 1024², every format and mode
     python bench/bench_pipeline.py --device cpu          # CPU: full width, 2 blocks, 256², 64 text tokens
@@ -67,7 +67,7 @@ SECTIONS = ("bandwidth", "load", "steps", "memory")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # Defaults per device: (model, side in pixels, text tokens, repeats)
 DEFAULTS = {"cuda": ("full", 1024, 512, 3), "cpu": ("reduced", 256, 64, 2)}
-# The issue-8 targets. GB = 1e9 bytes.
+# The GPU performance targets (docs/PERF.md). GB = 1e9 bytes.
 TARGETS = {
     "q4_k_vs_bf16_step": 1.05,
     "q4_k_vs_nf4_step": 1.0,

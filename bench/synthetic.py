@@ -44,7 +44,7 @@ FORMAT_VERSION = 1
 DEFAULT_CACHE_DIR = Path(os.environ.get("IDEOGRAM4_BENCH_CACHE", Path.home() / ".cache" / "ideogram4_gguf" / "bench"))
 
 PRESETS = {
-    # the published model (ideogram4-spec.md §2.1)
+    # the published model (docs/spec.md §2.1)
     "full": Ideogram4Config(),
     # full width, 2 blocks: the real GEMM and dequant shapes at a size a CPU can step in seconds
     "reduced": dataclasses.replace(Ideogram4Config(), num_layers=2),

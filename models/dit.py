@@ -38,7 +38,7 @@ ARCH_TENSOR = "embed_image_indicator.weight"
 
 @dataclass(frozen=True)
 class Ideogram4Config:
-    """Shape of one branch. The defaults are the published model (spec §2.1); tests build tiny ones."""
+    """Shape of one branch. The defaults are the published model (docs/spec.md §2.1); tests build tiny ones."""
 
     hidden_size: int = 4608
     num_layers: int = 34
@@ -49,7 +49,7 @@ class Ideogram4Config:
     in_channels: int = 128
     llm_features_dim: int = 53248
     rope_theta: float = 5_000_000.0
-    # mrope_section[0] is never read: the T axis takes every frequency the H and W axes do not (spec §2.5).
+    # mrope_section[0] is never read: the T axis takes every frequency the H and W axes do not (docs/spec.md §2.5).
     mrope_section: tuple[int, int, int] = (24, 20, 20)
     norm_eps: float = 1e-5
 
@@ -90,7 +90,7 @@ def default_compute_dtype(device) -> torch.dtype:
 def mrope_axes(config: Ideogram4Config) -> torch.Tensor:
     """Which position axis (0 = T, 1 = H, 2 = W) drives each of the head_dim/2 frequencies.
 
-    Index rule of the reference (spec §2.5): frequency j follows H when j % 3 == 1 and j < 3*sections[1], W when
+    Index rule of the reference (docs/spec.md §2.5): frequency j follows H when j % 3 == 1 and j < 3*sections[1], W when
     j % 3 == 2 and j < 3*sections[2], T otherwise. With (24, 20, 20) on head_dim 256 T gets 88 frequencies.
     """
     axes = torch.zeros(config.head_dim // 2, dtype=torch.long)

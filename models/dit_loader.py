@@ -97,12 +97,44 @@ def load_dit_branches(
     """
     device = torch.device(device)
     compute_dtype = compute_dtype or default_compute_dtype(device)
-    branches = _find_branches(path, uncond_path)
-    cond_src, uncond_src = branches.cond, branches.uncond
+    branches = find_dit_branches(path, uncond_path, config_overrides=config_overrides)
+    build = dict(compute_dtype=compute_dtype, device=device, kernel=kernel)
+    cond = Ideogram4DiT.from_weights(branches.config, branches.cond, with_text=True, **build)
+    uncond = Ideogram4DiT.from_weights(branches.config, branches.uncond, with_text=False, **build)
+    return cond, uncond, branches.load_info(compute_dtype)
 
-    config = _config_from_weights(cond_src, branches.hints, config_overrides, branches.cond_label)
+
+@dataclass
+class DiTBranches:
+    """Both branches of a DiT file (or pair) as weight sources under the official tensor names, and their config.
+
+    What `load_dit_branches` builds our modules from, and what the ComfyUI-core loader builds core's model from."""
+
+    cond: WeightSource
+    uncond: WeightSource
+    config: Ideogram4Config
+    layout: str
+    files: list[str]
+    prefixes: tuple[str, str]
+    cond_label: str
+    uncond_label: str
+
+    def load_info(self, compute_dtype: torch.dtype) -> DiTLoadInfo:
+        return DiTLoadInfo(
+            layout=self.layout, files=self.files, prefixes=self.prefixes, config=self.config,
+            compute_dtype=compute_dtype,
+            storage={"cond": _storage_counts(self.cond, True, self.config),
+                     "uncond": _storage_counts(self.uncond, False, self.config)},
+        )
+
+
+def find_dit_branches(path, uncond_path=None, *, config_overrides: dict | None = None) -> DiTBranches:
+    """Find the two branches in one two-branch file/folder, or a cond file plus `uncond_path`, and read their
+    config from the tensor shapes (see `load_dit_branches`); a clear ModelFileError for anything else."""
+    branches = _find_branches(path, uncond_path)
+    config = _config_from_weights(branches.cond, branches.hints, config_overrides, branches.cond_label)
     uncond_config = _config_from_weights(
-        uncond_src, branches.hints, {**(config_overrides or {}), "llm_features_dim": config.llm_features_dim},
+        branches.uncond, branches.hints, {**(config_overrides or {}), "llm_features_dim": config.llm_features_dim},
         branches.uncond_label, with_text=False,
     )
     if uncond_config != config:
@@ -112,19 +144,8 @@ def load_dit_branches(
             f"The two DiT branches do not belong together ({branches.cond_label} vs {branches.uncond_label}: "
             f"{'; '.join(diff)}). Pick the conditional and unconditional files of the same release."
         )
-
-    build = dict(compute_dtype=compute_dtype, device=device, kernel=kernel)
-    cond = Ideogram4DiT.from_weights(config, cond_src, with_text=True, **build)
-    uncond = Ideogram4DiT.from_weights(config, uncond_src, with_text=False, **build)
-    info = DiTLoadInfo(
-        layout=branches.layout,
-        files=branches.files,
-        prefixes=branches.prefixes,
-        config=config,
-        compute_dtype=compute_dtype,
-        storage={"cond": _storage_counts(cond_src, True, config), "uncond": _storage_counts(uncond_src, False, config)},
-    )
-    return cond, uncond, info
+    return DiTBranches(branches.cond, branches.uncond, config, branches.layout, branches.files, branches.prefixes,
+                       branches.cond_label, branches.uncond_label)
 
 
 # ---------------------------------------------------------------------------------------------------------------

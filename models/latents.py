@@ -11,7 +11,7 @@ channels; gh, gw = H/16, W/16):
 | `vae_latent`     | (B, C, 2gh, 2gw)   | VAE channels                       | none (what the VAE decodes) |
 
 Tokens are row-major over the grid (token k = r*gw + c); token (r, c) channel (pi*2+pj)*C + ch is
-vae_latent[ch, 2r+pi, 2c+pj] (ideogram4-spec.md §2.9).
+vae_latent[ch, 2r+pi, 2c+pj] (docs/spec.md §2.9).
 """
 
 from __future__ import annotations
@@ -30,7 +30,11 @@ PATCH = 2
 LATENT_NORM_PATH = pathlib.Path(__file__).resolve().parents[1] / "data" / "ideogram4_latent_norm.json"
 # Marker key of the LATENT this pack produces; the value is the layout version (see docs/vae.md).
 IDEOGRAM4_LATENT_KEY = "ideogram4_latent"
-IDEOGRAM4_LATENT_VERSION = 1
+IDEOGRAM4_LATENT_VERSION = 1  # samples in token channel order (what Ideogram4 Sampler returns)
+# Samples in FLUX.2 channel order, officially normalised: the layout ComfyUI core's sampler works in with core's
+# Ideogram 4 model (comfy/ldm/ideogram4/model.py permutes to token order inside), marked by Ideogram4 Empty Latent so
+# that our decode treats a core-sampled latent as the DiT's own space (docs/spec.md §C1.6).
+IDEOGRAM4_CORE_LAYOUT_VERSION = 2
 # bn eps of the FLUX.2 latent batch norm: BFL `AutoEncoder.bn_eps`, diffusers `batch_norm_eps`, ComfyUI `bn_eps`.
 BATCH_NORM_EPS = 1e-4
 
@@ -204,13 +208,28 @@ def latent_dict_to_tokens(latent: dict) -> tuple[torch.Tensor, tuple[int, int]]:
             "(FLUX.2 channel order, normalised with the VAE's own statistics) must be converted first "
             "(from_comfy_flux2, or the pack's decode node, which converts automatically)"
         )
-    if version != IDEOGRAM4_LATENT_VERSION:
+    if version == IDEOGRAM4_CORE_LAYOUT_VERSION:
+        samples = flux2_to_token_order(samples)
+    elif version != IDEOGRAM4_LATENT_VERSION:
         raise LatentFormatError(
-            f"this LATENT has Ideogram 4 layout version {version!r}; this pack reads version "
-            f"{IDEOGRAM4_LATENT_VERSION}: update the pack or re-create the latent"
+            f"this LATENT has Ideogram 4 layout version {version!r}; this pack reads versions "
+            f"{IDEOGRAM4_LATENT_VERSION} and {IDEOGRAM4_CORE_LAYOUT_VERSION}: update the pack or re-create the latent"
         )
     tokens, grid = samples_to_tokens(samples)
     return tokens.float(), grid
+
+
+def core_layout_latent(samples_flux2: torch.Tensor) -> dict:
+    """(B, 4C, gh, gw) officially normalised samples in FLUX.2 channel order -> a LATENT core's samplers take and
+    our decode reads as the DiT's own space (IDEOGRAM4_CORE_LAYOUT_VERSION)."""
+    if samples_flux2.ndim != 4 or samples_flux2.shape[1] % (PATCH * PATCH):
+        raise LatentFormatError(f"expected (batch, 4*channels, grid_h, grid_w) samples, got {tuple(samples_flux2.shape)}")
+    return {"samples": samples_flux2, IDEOGRAM4_LATENT_KEY: IDEOGRAM4_CORE_LAYOUT_VERSION}
+
+
+def tokens_to_core_layout(latent_tokens: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """(B, gh*gw, 4C) token-order tokens -> (B, 4C, gh, gw) samples in FLUX.2 channel order (core's layout)."""
+    return token_to_flux2_order(tokens_to_samples(latent_tokens, grid_h, grid_w)).contiguous()
 
 
 def _samples_of(latent) -> torch.Tensor:

@@ -17,7 +17,7 @@ compute device and the sampler moves its inputs there as usual.
 
 The same machinery runs with device "cpu" (the copies are plain CPU clones, no streams or events): that is how the
 CPU-only tests check that a streamed branch computes exactly what a resident one does and keeps no copies after
-its forward. Facts behind the plans: gguf-and-kernels.md §8; docs/memory.md.
+its forward. Facts behind the plans: docs/spec.md §G8; docs/memory.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Ideogram 4's text encoder: the text decoder of Qwen3-VL-8B, read at 13 depths.
 
 Text-only Qwen3-VL is a plain Qwen3 decoder: its interleaved MRoPE gives every axis the same position for text
-tokens, which is ordinary 1D RoPE (spec §4.1, checked against transformers). The encoder runs the token
+tokens, which is ordinary 1D RoPE (docs/spec.md §4.1, checked against transformers). The encoder runs the token
 embedding and the decoder layers up to the deepest tap, records the outputs of layers 0, 3, ..., 33 and 35 (35
 *before* the final norm, which Ideogram never applies) and interleaves them per token:
 feature index = hidden_unit * 13 + tap_index, a (tokens, 53248) float32 matrix for the 8B model.
@@ -26,7 +26,7 @@ TAP_LAYERS = (0, 3, 6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 35)
 
 @dataclass(frozen=True)
 class Qwen3TextConfig:
-    """Sizes of the Qwen3 text decoder. Defaults: Qwen3-VL-8B-Instruct (spec §4.1)."""
+    """Sizes of the Qwen3 text decoder. Defaults: Qwen3-VL-8B-Instruct (docs/spec.md §4.1)."""
 
     vocab_size: int = 151936
     hidden_size: int = 4096

@@ -1,6 +1,6 @@
 """FLUX.2 VAE decoder: the decode half of diffusers' `AutoencoderKLFlux2` and of BFL's flux2 `AutoEncoder`.
 
-Architecture (ideogram4-spec.md §5.4, full size): post_quant_conv 1x1 (32 -> 32) -> conv_in 3x3 (32 -> 512) ->
+Architecture (docs/spec.md §5.4, full size): post_quant_conv 1x1 (32 -> 32) -> conv_in 3x3 (32 -> 512) ->
 mid block (ResBlock, single-head attention over all H/8 x W/8 positions, ResBlock) -> 4 up levels, lowest
 resolution first (512, 512, 256, 128 channels), each `layers_per_block + 1` ResBlocks and, for all but the last,
 nearest x2 + conv3x3 -> GroupNorm -> SiLU -> conv_out 3x3 (128 -> 3). GroupNorm: 32 groups, eps 1e-6.
@@ -584,7 +584,7 @@ class Flux2VAEDecoder(nn.Module):
 
 _PREFIXES = ("", "vae.", "first_stage_model.")  # bare, diffusers single-file, ComfyUI checkpoint
 _ATTENTION_LINEARS = ("to_q", "to_k", "to_v", "to_out.0")
-# BFL / ComfyUI flux2-vae names -> diffusers names (ideogram4-spec.md §5.5; BFL flux2 autoencoder.py,
+# BFL / ComfyUI flux2-vae names -> diffusers names (docs/spec.md §5.5; BFL flux2 autoencoder.py,
 # ComfyUI comfy/diffusers_convert.py). BFL counts up levels from the highest resolution, diffusers from the lowest.
 _BFL_RENAMES = (
     (r"^decoder\.post_quant_conv\.", "post_quant_conv."),

@@ -6,6 +6,7 @@ Imported only by ComfyUI (through the pack's `comfy_entrypoint`), never by the l
 from comfy_api.latest import ComfyExtension
 
 from . import comfy_adapter
+from .core_graph import CORE_GRAPH_NODES
 from .decode import IG4VAEDecode
 from .encode import IG4TextEncode
 from .json_prompt import IG4JsonPrompt
@@ -13,7 +14,7 @@ from .latent_convert import IG4LatentToFlux2
 from .loader import IG4ModelLoader
 from .sampler import IG4Sampler
 
-NODES = [IG4ModelLoader, IG4TextEncode, IG4Sampler, IG4VAEDecode, IG4JsonPrompt, IG4LatentToFlux2]
+NODES = [IG4ModelLoader, IG4TextEncode, IG4Sampler, IG4VAEDecode, IG4JsonPrompt, IG4LatentToFlux2, *CORE_GRAPH_NODES]
 
 
 class Ideogram4Extension(ComfyExtension):

@@ -117,9 +117,10 @@ def free_memory_bytes(device: torch.device) -> int | None:
 
 
 def make_room(bytes_needed: int, device: torch.device) -> None:
-    """Ask ComfyUI to unload its other models until `bytes_needed` are free on `device`."""
+    """Ask ComfyUI to unload its other models until `bytes_needed` are free on `device` (on a `--cpu` ComfyUI the
+    device is the CPU and ComfyUI manages RAM the same way)."""
     mm = _model_management()
-    if mm is not None and device.type != "cpu":
+    if mm is not None:
         mm.free_memory(int(bytes_needed), device)
 
 
@@ -142,6 +143,19 @@ class _Empty(torch.nn.Module):
     """What our stand-in ModelPatcher holds: nothing for ComfyUI to move (it would fight our own placement)."""
 
 
+# Every stand-in patcher we registered, held strongly until ComfyUI has dropped it from its list. ComfyUI keeps its
+# loaded models only through weak references, with a finalizer that removes a dead one from `current_loaded_models`:
+# a stand-in that died inside ComfyUI's own unload loop (our `on_unload` releasing the last reference) would shrink
+# that list mid-iteration and kill ComfyUI's prompt worker with an IndexError; and one that nobody held would be
+# forgotten by ComfyUI at once.
+_standins: list = []
+
+
+def _prune_standins(mm) -> None:
+    tracked = {id(loaded.model) for loaded in mm.current_loaded_models}
+    _standins[:] = [patcher for patcher in _standins if id(patcher) in tracked]
+
+
 def _register(device: torch.device, size_bytes: int, on_unload):
     """Make ComfyUI's memory manager count `size_bytes` of ours on `device` as a loaded model, so "Unload
     models", "Free memory" and eviction for other models release it: unloading the stand-in patcher calls
@@ -152,9 +166,11 @@ def _register(device: torch.device, size_bytes: int, on_unload):
     import comfy.model_patcher
     from comfy.patcher_extension import CallbacksMP
 
+    _prune_standins(mm)
     patcher = comfy.model_patcher.ModelPatcher(_Empty(), load_device=device, offload_device=mm.unet_offload_device(),
                                                size=max(1, int(size_bytes)))
     patcher.add_callback(CallbacksMP.ON_DETACH, lambda _patcher, _unpatch_all: on_unload())
+    _standins.append(patcher)
     mm.load_models_gpu([patcher])
     return patcher
 
@@ -162,14 +178,25 @@ def _register(device: torch.device, size_bytes: int, on_unload):
 _registered = weakref.WeakKeyDictionary()
 
 
+def _if_alive(method_ref: weakref.WeakMethod):
+    def call():
+        method = method_ref()
+        if method is not None:
+            method()
+
+    return call
+
+
 def track_placement(model) -> None:
-    """Register our placed DiT (once per placement); unloading it calls `model.offload()`."""
+    """Register our placed DiT (once per placement); unloading it calls `model.offload()`. On a `--cpu` ComfyUI the
+    placement is on the CPU and is registered there, as ComfyUI registers its own models."""
     placement = model.placement
-    if placement is None or placement.device.type == "cpu":
+    if placement is None:
         return
     patcher = _registered.get(placement)
     if patcher is None:
-        patcher = _register(placement.device, placement.device_bytes, model.offload)
+        # the stand-in must not keep the DiT pair alive: it calls offload only while the pair still exists
+        patcher = _register(placement.device, placement.device_bytes, _if_alive(weakref.WeakMethod(model.offload)))
         if patcher is None:
             return
         _registered[placement] = patcher

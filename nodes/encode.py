@@ -51,7 +51,11 @@ class IG4TextEncode(io.ComfyNode):
                                  tooltip="Cut prompts longer than 2048 tokens (with a warning) instead of failing."),
             ],
             outputs=[Ideogram4Conditioning.Output(display_name="conditioning",
-                                                  tooltip="The encoded prompt, for Ideogram4 Sampler.")],
+                                                  tooltip="The encoded prompt, for Ideogram4 Sampler."),
+                     io.Conditioning.Output(display_name="core_conditioning",
+                                            tooltip="The same prompt as a core CONDITIONING (13 taps interleaved, "
+                                                    "53248 features per token), for core graphs: Ideogram4 Guider, "
+                                                    "Dual Model CFG Guider, ...")],
         )
 
     @classmethod
@@ -85,7 +89,13 @@ class IG4TextEncode(io.ComfyNode):
                 _kept.pop(key, None)
                 unload_text_encoder(encoder)
         lines = [f"{conditioning.token_count} tokens"] + [f"warning: {w}" for w in conditioning.warnings]
-        return io.NodeOutput(conditioning, ui=ui.PreviewText("\n".join(lines)))
+        return io.NodeOutput(conditioning, core_conditioning(conditioning), ui=ui.PreviewText("\n".join(lines)))
+
+
+def core_conditioning(conditioning) -> list:
+    """Our TextConditioning as core's CONDITIONING: [[(1, tokens, 13 * hidden) float32 taps, {}]]. One prompt, no
+    padding, so no attention mask (core's model passes one on only when something is padded)."""
+    return [[conditioning.text_taps.unsqueeze(0), {}]]
 
 
 def _forget(key):

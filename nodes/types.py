@@ -8,4 +8,5 @@ Ideogram4Model = io.Custom("IDEOGRAM4_MODEL")
 Ideogram4Conditioning = io.Custom("IDEOGRAM4_CONDITIONING")
 
 CATEGORY = "Ideogram4"
+CORE_CATEGORY = "Ideogram4/core graph"  # nodes that hand out and take core types (MODEL, SIGMAS, GUIDER, ...)
 DTYPES = ["auto", "bf16", "fp16", "fp32"]

@@ -5,14 +5,14 @@ Contract for the model loaders: docs/ARCHITECTURE.md ("The ops contract").
 
 from .dequant import block_layout, dequantize, packed_shape, supported_qtypes
 from .gguf_file import GGUFFile, GGUFTensor, open_gguf
-from .linear import KERNELS, Fp8Linear, QuantLinear, StoredWeight
+from .linear import KERNELS, Fp8Linear, QuantLinear, StoredWeight, dequantize_packed, fp8_dense
 from .weights import (FP8_STORAGE, CombinedSource, GGUFSource, SafetensorsSource, StateDictSource, WeightSource,
                       open_weights)
 
 __all__ = [
     "open_gguf", "GGUFFile", "GGUFTensor",
     "dequantize", "block_layout", "packed_shape", "supported_qtypes",
-    "QuantLinear", "Fp8Linear", "StoredWeight", "KERNELS",
+    "QuantLinear", "Fp8Linear", "StoredWeight", "KERNELS", "dequantize_packed", "fp8_dense",
     "WeightSource", "GGUFSource", "SafetensorsSource", "StateDictSource", "CombinedSource", "open_weights",
     "FP8_STORAGE",
 ]

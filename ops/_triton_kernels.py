@@ -30,7 +30,7 @@ def store(ptr, w, mask, OUT_BF16: tl.constexpr, BY_HAND: tl.constexpr):
 
 @triton.jit
 def q4_k_scale_min(base, j, mask):
-    # 6-bit scale and min of sub-block j (any shape of indices), gguf-and-kernels.md §3.1, as float32 (exact)
+    # 6-bit scale and min of sub-block j (any shape of indices), docs/spec.md §G3.1, as float32 (exact)
     s_j = tl.load(base + 4 + j, mask=mask, other=0).to(tl.int32)
     s_j4 = tl.load(base + 8 + j, mask=mask, other=0).to(tl.int32)
     s_jm4 = tl.load(base + tl.where(j < 4, j, j - 4) + 4, mask=mask, other=0).to(tl.int32)

@@ -118,10 +118,7 @@ class QuantLinear(_StoredLinear):
         return self.packed.device
 
     def dense_weight(self, dtype):
-        shape = (self.out_features, self.in_features)
-        if self.kernel != "torch" and triton_dequant.can_run(self.packed, self.qtype, self.kernel):
-            return triton_dequant.dequantize(self.packed, self.qtype, shape, dtype)
-        return dequantize(self.packed, self.qtype, shape, dtype)
+        return dequantize_packed(self.packed, self.qtype, (self.out_features, self.in_features), dtype, self.kernel)
 
 
 class Fp8Linear(_StoredLinear):
@@ -150,4 +147,18 @@ class Fp8Linear(_StoredLinear):
         return self.weight_fp8.device
 
     def dense_weight(self, dtype):
-        return self.weight_fp8.to(dtype) * self.weight_scale.to(dtype)[:, None]
+        return fp8_dense(self.weight_fp8, self.weight_scale, dtype)
+
+
+def dequantize_packed(packed: torch.Tensor, qtype, shape, dtype, kernel: str = "auto") -> torch.Tensor:
+    """GGUF packed blocks -> a dense (out, in) weight in `dtype`, on the packed bytes' device: the fused Triton
+    kernel where it runs (kernel "auto" / "triton"), else the torch decoder; bit-identical either way."""
+    if kernel != "torch" and triton_dequant.can_run(packed, qtype, kernel):
+        return triton_dequant.dequantize(packed, qtype, shape, dtype)
+    return dequantize(packed, qtype, shape, dtype)
+
+
+def fp8_dense(weight_fp8: torch.Tensor, weight_scale: torch.Tensor, dtype) -> torch.Tensor:
+    """float8 weights x per-row scale, as the official `Fp8Linear` computes them: both factors cast to the compute
+    dtype first, multiplied there (for bit parity with it)."""
+    return weight_fp8.to(dtype) * weight_scale.to(dtype)[:, None]

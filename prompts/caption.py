@@ -1,6 +1,6 @@
 """The JSON caption Ideogram 4 was trained on: builder, validator, canonical key order, minifier, repair.
 
-Schema (spec §4.4):
+Schema (docs/spec.md §4.4):
 
     {"high_level_description": str,                                  optional, recommended
      "style_description": {                                           optional

@@ -1,6 +1,6 @@
 """The Ideogram 4 DiT configuration: from config.json or tensor shapes, the tensor table it implies, GGUF keys.
 
-Tensor names and shapes: ideogram4-spec.md §2.2 (official fused names, 458 tensors per branch at full size).
+Tensor names and shapes: docs/spec.md §2.2 (official fused names, 458 tensors per branch at full size).
 The configuration is never assumed to be full size: tests use tiny random models with the same structure.
 """
 
@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 
 from .errors import QuantToolError
 
-# Values of the released model (ideogram4-spec.md §2.1); rope_theta and mrope_section cannot be read from tensor
+# Values of the released model (docs/spec.md §2.1); rope_theta and mrope_section cannot be read from tensor
 # shapes, so a source without config.json gets these.
 DEFAULT_ROPE_THETA = 5_000_000.0
 DEFAULT_MROPE_SECTION = (24, 20, 20)

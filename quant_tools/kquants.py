@@ -2,7 +2,7 @@
 
 Source of the maths: `quantize_row_q4_K_ref`, `quantize_row_q5_K_ref`, `quantize_row_q6_K_ref`,
 `make_qkx2_quants` and `make_qx_quants` in ggml's `ggml-quants.c` (the copy vendored in ggml-python 0.0.45).
-Written from that specification; see docs/quant_tools.md and gguf-and-kernels.md §4 for the traps.
+Written from that specification; see docs/quant_tools.md and docs/spec.md §G4.4 for the traps.
 
 How it is made fast without losing byte equality: the reference works on one 32-value (Q4_K/Q5_K) or 16-value
 (Q6_K) sub-block at a time, with sequential sums. Here the data of thousands of sub-blocks is laid out

@@ -1,6 +1,6 @@
 """Find the two Ideogram 4 transformers in whatever release layout the user has, as float32 row readers.
 
-Layouts (ideogram4-spec.md §6):
+Layouts (docs/spec.md §6):
 
 | layout | how to pass it |
 |---|---|

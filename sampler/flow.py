@@ -1,4 +1,4 @@
-"""Euler flow-matching sampler with asymmetric CFG (official Ideogram 4 loop, spec §3).
+"""Euler flow-matching sampler with asymmetric CFG (official Ideogram 4 loop, docs/spec.md §3).
 
 Each step evaluates the conditional branch on [text rows | image rows] and the unconditional branch on the image
 rows alone, mixes v = g * v_cond + (1 - g) * v_uncond in float32 and moves z by v * (t_next - t_cur), t rising

@@ -1,4 +1,4 @@
-"""Sampler settings and the official presets (official `sampler_configs.PRESETS`, spec §3.4).
+"""Sampler settings and the official presets (official `sampler_configs.PRESETS`, docs/spec.md §3.4).
 
 Every knob of a preset can be overridden; an explicit `guidance_schedule` (chronological, first entry = noisiest
 step) replaces the guidance / polish pair.

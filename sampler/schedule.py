@@ -1,4 +1,4 @@
-"""The official logit-normal time schedule with resolution shift (spec §3.2).
+"""The official logit-normal time schedule with resolution shift (docs/spec.md §3.2).
 
 Model time t: 0 = pure noise, 1 = clean data. diffusers and ComfyUI use sigma = 1 - t.
 """
@@ -45,11 +45,18 @@ def timesteps(
     return t
 
 
+def official_sigmas(steps: int, width: int, height: int, mu: float, std: float,
+                    terminal: str = "official") -> torch.Tensor:
+    """The schedule as ComfyUI SIGMAS: sigma = 1 - t (float32, descending), steps + 1 values; the last is
+    1 - T_MAX for terminal="official", 0 for terminal="one"."""
+    return 1.0 - timesteps(steps, width, height, mu, std, terminal)
+
+
 def guidance_schedule(steps: int, guidance: float, polish_steps: int, polish_guidance: float) -> list[float]:
     """Guidance of each step, chronological: (steps - k) x guidance, then k = polish_steps x polish_guidance.
 
     The official code indexes its tuple by loop index (index 0 = last step); this is the same schedule written
-    first-step-first, as diffusers takes it (spec §3.3). The switch is by step index, not by sigma range.
+    first-step-first, as diffusers takes it (docs/spec.md §3.3). The switch is by step index, not by sigma range.
     """
     if not 0 <= polish_steps <= steps:
         raise SamplingError(f"polish_steps must be between 0 and steps ({steps}), got {polish_steps}.")

@@ -13,19 +13,16 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# Test-only data (the real Qwen tokenizer vocabulary, the official latent constants) lives beside the
-# checkout in ../shared/data; a clone elsewhere can point IDEOGRAM4_SHARED_DATA at it.
-def _find_shared_data():
-    import os
-
-    candidates = [os.environ.get("IDEOGRAM4_SHARED_DATA"), ROOT.parent / "shared" / "data", "/work/shared/data"]
-    for candidate in candidates:
-        if candidate and pathlib.Path(candidate, "qwen25_tokenizer", "vocab.json").is_file():
-            return pathlib.Path(candidate)
-    return None
+# Test-only data that is not part of the pack: the real Qwen tokenizer vocabulary (tests/data/README.md).
+TEST_DATA = ROOT / "tests" / "data"
+QWEN_TOKENIZER_DIR = TEST_DATA / "qwen25_tokenizer"
 
 
-SHARED_DATA = _find_shared_data()
+def qwen_tokenizer_dir() -> pathlib.Path:
+    """The real Qwen tokenizer files; a checkout without them is broken, so this fails instead of skipping."""
+    if not (QWEN_TOKENIZER_DIR / "vocab.json").is_file():
+        pytest.fail(f"{QWEN_TOKENIZER_DIR} is missing: the test data is part of the repository (git checkout it)")
+    return QWEN_TOKENIZER_DIR
 
 
 def _import_checkout_as_package():

@@ -9,8 +9,8 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
 
 def ggml_quantize(weights: np.ndarray, qtype) -> np.ndarray:
-    """llama.cpp `ggml_quantize_chunk` without an importance matrix (ggml-python 0.0.45, gguf-and-kernels.md
-    §4.6): (rows, n) float32 -> (rows, n // block * type_size) uint8. qtype: a GGMLQuantizationType or its name."""
+    """llama.cpp `ggml_quantize_chunk` without an importance matrix (ggml-python 0.0.45, docs/spec.md §G4.6):
+    (rows, n) float32 -> (rows, n // block * type_size) uint8. qtype: a GGMLQuantizationType or its name."""
     ggml = pytest.importorskip("ggml", reason="ggml-python (the reference quantizer) is not installed")
     qtype = GGMLQuantizationType[qtype] if isinstance(qtype, str) else GGMLQuantizationType(qtype)
     src = np.ascontiguousarray(weights, dtype=np.float32)

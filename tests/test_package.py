@@ -33,7 +33,10 @@ def test_pyproject_satisfies_comfy_node_validate():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
     project, comfy = meta["project"], meta["tool"]["comfy"]
     assert project["name"] == "ideogram4-gguf" and re.fullmatch(r"\d+\.\d+\.\d+", project["version"])
-    assert comfy["DisplayName"] == "Ideogram 4 GGUF" and comfy["PublisherId"] and comfy["Icon"]
+    assert comfy["DisplayName"] == "Ideogram 4 GGUF"
+    # Publisher id, icon URL and repository URL are the publisher's to fill in (pyproject comment): nothing invented.
+    assert comfy["PublisherId"] == "" and comfy["Icon"] == "" and "urls" not in project
+    assert project["license"] == {"file": "LICENSE"} and "Apache License" in (ROOT / "LICENSE").read_text()
     assert re.fullmatch(r"(>=|<=|==|>|<|!=|~=)?\d+\.\d+\.\d+(,\s*(>=|<=|==|>|<|!=|~=)\d+\.\d+\.\d+)*",
                         comfy["requires-comfyui"])
     deps = " ".join(project["dependencies"]).lower()
@@ -50,3 +53,13 @@ def test_ruff_security_rules_of_comfy_node_validate():
     result = subprocess.run([sys.executable, "-m", "ruff", "check", str(ROOT), "--select", "S102,S307,E702",
                              "--output-format", "concise", "--no-cache"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_icon_is_an_svg_within_the_registry_size():
+    import xml.etree.ElementTree as ET
+
+    root = ET.parse(ROOT / "icon.svg").getroot()
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+    width, height = float(root.get("width")), float(root.get("height"))
+    assert 0 < width <= 800 and 0 < height <= 400
+    assert root.get("viewBox") == f"0 0 {root.get('width')} {root.get('height')}"

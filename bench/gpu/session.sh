@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Run ON THE GPU MACHINE, in the repository root: the issue-8 measurements in the order they matter. Each stage's
-# log and JSON go to $RESULTS, and after every stage $OUT gets a fresh results.tar.gz of all of them plus
-# stages.txt (two files: a device call brings back at most 8), so a call cut short still returns what finished.
+# Run ON THE GPU MACHINE, in the repository root: the GPU performance measurements (docs/PERF.md) in the order
+# they matter. Each stage's log and JSON go to $RESULTS, and after every stage $OUT gets a fresh results.tar.gz of
+# all of them plus stages.txt (two files: a device call brings back at most 8), so a call cut short still returns
+# what finished.
 # Unpack here with `tar -xzf results.tar.gz`.
 #
 #   bash bench/gpu/session.sh [STAGE ...]   stages: see ALL below (default: all of them, in that order)
 #
-# Typical device call (bench/gpu/wheels.sh first, here):
-#   run(command="timeout 570 bash bench/gpu/session.sh", carry=[".whl"], timeout_s=600)
+# Typical call (run bench/gpu/wheels.sh here first and take .whl/ along with the checkout), limited to 600 s:
+#   timeout 570 bash bench/gpu/session.sh
 # then, if stages are missing, a second call with just those (the synthetic model files stay cached under
 # $IDEOGRAM4_BENCH_CACHE only while the machine is warm: 30 s after a call).
 #

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Run HERE (a machine with PyPI), in the repository root, before a GPU session: downloads into .whl/ the wheels
-# the GPU machine lacks (its image has torch, triton, numpy, safetensors, tokenizers, pytest; see
-# /work/.library/device/KINDS.md) and keeps .whl/ out of git. Carry it with the run: carry [".whl"].
+# Run HERE (a machine with PyPI), in the repository root, before a GPU run: downloads into .whl/ the wheels
+# the GPU machine lacks (its image has torch 2.11.0, triton 3.6.0, numpy, safetensors, tokenizers, pytest) and
+# keeps .whl/ out of git. Take .whl/ along with the checkout to the GPU machine.
 #   gguf          - the pack's GGUF types and gguf-py's reference decoder (the CUDA tests compare against it)
-#   bitsandbytes  - the NF4 baseline of issue 8 (43 MB; leave it out with NO_NF4=1 to save transfer)
+#   bitsandbytes  - the benchmark's NF4 baseline (43 MB; leave it out with NO_NF4=1 to save transfer)
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude

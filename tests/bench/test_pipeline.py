@@ -1,4 +1,4 @@
-"""The issue-8 benchmark harness (bench/pipeline.py) end to end on the CPU with the tiny synthetic model.
+"""The pipeline benchmark harness (bench/pipeline.py) end to end on the CPU with the tiny synthetic model.
 
 Checks that every field of the JSON is present and sane (it never asserts timings): positive times, a breakdown
 that fits inside its step, streamed modes bit-identical to the resident one, bf16 dense within bf16 rounding of

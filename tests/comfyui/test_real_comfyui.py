@@ -1,116 +1,37 @@
-"""The pack inside a real, headless ComfyUI (>= 0.25) on the CPU, with the tiny demo models.
+"""The pack inside a real, headless ComfyUI (>= 0.25) on the CPU, with the tiny demo models (server: conftest.py).
 
-Enabled when COMFYUI_DIR points at a ComfyUI checkout; ComfyUI runs in COMFYUI_PYTHON (default: the `comfy_venv`
-beside the checkout if there is one, else this Python). The server gets a throwaway base directory whose
-custom_nodes/ideogram4_gguf links to this checkout and whose models/ hold the tiny demo files; every shipped
-workflow is converted to the API format with the server's own /object_info and run.
+The server's base directory has custom_nodes/ideogram4_gguf linked to this checkout and models/ holding the tiny
+demo files; every shipped workflow is converted to the API format with the server's own /object_info and run.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import sys
-import time
 import uuid
-from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from ideogram4_gguf.nodes import NODES
+from PIL import Image
 
 from ..workflows.tiny_run import MODEL_FILE_INPUTS, for_tiny_models
 from ..workflows.ui_to_api import convert
-from .comfy_server import ComfyServer, WebSocket, comfyui_version
-
-ROOT = Path(__file__).resolve().parents[2]
-PACK = "ideogram4_gguf"  # the folder name under custom_nodes = module name = template category
-WORKFLOWS = ROOT / "workflows"
-SHIPPED = ["ideogram4_q4k_text_to_image", "ideogram4_q4k_json_prompt", "ideogram4_q4k_low_vram"]
-API_COPY = "api/ideogram4_q4k_text_to_image"
-MIN_VERSION = (0, 25, 0)
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
-
-pytestmark = pytest.mark.skipif(
-    not COMFYUI_DIR, reason="real-ComfyUI tests: set COMFYUI_DIR to a ComfyUI >= 0.25 checkout (and COMFYUI_PYTHON "
-                            "to the Python that runs it) to enable them")
-
-
-def comfy_python() -> str:
-    if os.environ.get("COMFYUI_PYTHON"):
-        return os.environ["COMFYUI_PYTHON"]
-    venv = Path(COMFYUI_DIR).resolve().parent / "comfy_venv" / "bin" / "python"
-    return str(venv) if venv.exists() else sys.executable
-
-
-@pytest.fixture(scope="module")
-def comfy(tmp_path_factory, demo_models):
-    version = comfyui_version(COMFYUI_DIR)
-    if version is None:
-        pytest.skip(f"COMFYUI_DIR={COMFYUI_DIR} has no comfyui_version.py: not a ComfyUI checkout")
-    if version < MIN_VERSION:
-        pytest.skip(f"COMFYUI_DIR={COMFYUI_DIR} is ComfyUI {'.'.join(map(str, version))}; these tests need >= 0.25")
-    base = tmp_path_factory.mktemp("comfyui_base")
-    (base / "custom_nodes").mkdir()
-    (base / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
-    for folder, path in tiny_files(demo_models, paths=True).items():
-        (base / "models" / folder).mkdir(parents=True)
-        (base / "models" / folder / path.name).symlink_to(path)
-    server = ComfyServer(COMFYUI_DIR, comfy_python(), base, ["--preview-method", "latent2rgb"])
-    started = time.monotonic()
-    try:
-        server.start()
-        print(f"ComfyUI {'.'.join(map(str, version))} ({COMFYUI_DIR}) answered after "
-              f"{time.monotonic() - started:.1f} s")
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="module")
-def object_info(comfy):
-    return comfy.get("/object_info")
-
-
-def tiny_files(demo_models, paths=False) -> dict:
-    files = {"diffusion_models": demo_models.dit, "text_encoders": demo_models.text_encoder, "vae": demo_models.vae}
-    return files if paths else {folder: path.name for folder, path in files.items()}
-
-
-def load(name) -> dict:
-    return json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
-
-
-def node_id_of(prompt: dict, class_type: str) -> str:
-    [node_id] = [i for i, entry in prompt.items() if entry["class_type"] == class_type]
-    return node_id
-
-
-def run(comfy, prompt: dict, on_event=None):
-    """Queue `prompt` and follow it on the websocket to its end -> (history entry, events, binary event types)."""
-    client_id = uuid.uuid4().hex
-    ws = WebSocket(comfy.port, client_id)
-    try:
-        status, response = comfy.queue(prompt, client_id)
-        assert status == 200, response
-        assert response["node_errors"] == {}
-        prompt_id = response["prompt_id"]
-        events = ws.until(lambda e: e["type"] == "executing" and e["data"].get("node") is None
-                          and e["data"].get("prompt_id") == prompt_id, on_event=lambda e: on_event and on_event(e))
-        return comfy.wait_history(prompt_id), events, ws.binary_events
-    finally:
-        ws.close()
-
-
-def status_messages(history: dict) -> dict:
-    return {name: data for name, data in history["status"]["messages"]}
+from .harness import (
+    API_COPY,
+    PACK,
+    SAMPLER_NODES,
+    SHIPPED,
+    WORKFLOWS,
+    load,
+    node_id_of,
+    run,
+    status_messages,
+    tiny_files,
+)
 
 
 def test_pack_imports_without_errors(comfy):
     log = comfy.log()
-    assert re.search(rf"seconds: .*custom_nodes[/\\]{PACK}\s*$", log, re.M), comfy.log_tail()
+    assert re.search(rf"seconds: .*custom_nodes[/\\]{PACK}\s*$", log, re.MULTILINE), comfy.log_tail()
     problems = [line for line in log.splitlines()
                 if PACK in line and ("IMPORT FAILED" in line or "Cannot import" in line)]
     assert not problems, "\n".join(problems)
@@ -158,7 +79,9 @@ def test_shipped_workflow_runs(comfy, object_info, demo_models, name):
     prompt = for_tiny_models(prompt, tiny_files(demo_models), seed=1000 + (SHIPPED + [API_COPY]).index(name))
     history, events, binary = run(comfy, prompt)
     assert history["status"]["status_str"] == "success" and history["status"]["completed"], history["status"]
-    sampler, save = node_id_of(prompt, "IG4Sampler"), node_id_of(prompt, "SaveImage")
+    classes = {entry["class_type"] for entry in prompt.values()}
+    [sampler_class] = [kind for kind in SAMPLER_NODES if kind in classes]
+    sampler, save = node_id_of(prompt, sampler_class), node_id_of(prompt, "SaveImage")
     progress = [e["data"] for e in events if e["type"] == "progress" and e["data"]["node"] == sampler]
     assert progress and progress[-1]["value"] == progress[-1]["max"] == 2
     assert binary and set(binary) <= {1, 4}  # live previews (PREVIEW_IMAGE, or with metadata)

@@ -30,7 +30,7 @@ def is_linear_weight(name: str, tensor: torch.Tensor) -> bool:
 
 
 def quantize_q4_k(weight: np.ndarray) -> np.ndarray:
-    """llama.cpp `quantize_row_q4_K_ref` through ggml-python (gguf-and-kernels.md §4.6)."""
+    """llama.cpp `quantize_row_q4_K_ref` through ggml-python (docs/spec.md §G4.6)."""
     return ggml_quantize(weight, Q.Q4_K)
 
 

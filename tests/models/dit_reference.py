@@ -1,7 +1,7 @@
 """Tiny random Ideogram 4 DiTs and the diffusers 0.42.1 reference forward, shared by the DiT and sampler tests.
 
-The reference is diffusers `Ideogram4Transformer2DModel` (bit-identical to the official DiT in fp32, spec [V]#1)
-fed the packed sequence exactly as `Ideogram4Pipeline` builds it (its own `_prepare_ids`).
+The reference is diffusers `Ideogram4Transformer2DModel` (bit-identical to the official DiT in fp32, docs/spec.md §8
+experiment 1) fed the packed sequence exactly as `Ideogram4Pipeline` builds it (its own `_prepare_ids`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from diffusers import Ideogram4Pipeline, Ideogram4Transformer2DModel
 from ideogram4_gguf.models.dit import Ideogram4Config
 from ideogram4_gguf.models.dit_loader import fuse_split_attention
 
-TE_HIDDEN = 32  # spec §8.2 tiny Qwen3-VL width; llm_features_dim = 13 x 32
-# spec §8.2: the tiny diffusers config that works; mrope (4, 2, 2) on head_dim 16 uses the same index rule.
+TE_HIDDEN = 32  # docs/spec.md §8.2 tiny Qwen3-VL width; llm_features_dim = 13 x 32
+# docs/spec.md §8.2: the tiny diffusers config that works; mrope (4, 2, 2) on head_dim 16 uses the same index rule.
 TINY = dict(
     in_channels=32,
     num_layers=2,
@@ -59,7 +59,7 @@ def tiny_diffusers_dit(seed: int, **overrides) -> Ideogram4Transformer2DModel:
 
 
 def official_state_dict(model: Ideogram4Transformer2DModel) -> dict[str, torch.Tensor]:
-    """The diffusers model's weights under the official fused names (spec §2.2.1)."""
+    """The diffusers model's weights under the official fused names (docs/spec.md §2.2.1)."""
     return fuse_split_attention({k: v.detach().clone() for k, v in model.state_dict().items()})
 
 

@@ -1,6 +1,6 @@
 """Tiny Qwen3-VL reference models (transformers 5.24) shared by the text-encoder and upsampling tests.
 
-Config from spec §8.2: the real depth (36 layers, so the real taps) at width 32; every parameter re-randomised
+Config from docs/spec.md §8.2: the real depth (36 layers, so the real taps) at width 32; every parameter re-randomised
 (transformers' init leaves the norms at 1).
 """
 

@@ -65,7 +65,8 @@ def test_projected_text_batch_forms_agree(reference):
 
 
 def test_bf16_close_to_diffusers_bf16(reference):
-    # bf16 rounding differs in small ways (official F.rms_norm vs diffusers' two-step RMSNorm), spec [V]#1: ~0.5 %.
+    # bf16 rounding differs in small ways (official F.rms_norm vs diffusers' two-step RMSNorm, docs/spec.md §2.4):
+    # ~0.5 %.
     latents, features, t = _inputs(seed=5)
     t = t.to(torch.bfloat16).float()
     ref_bf16 = tiny_diffusers_dit(seed=1).to(torch.bfloat16)
@@ -143,7 +144,7 @@ def test_config_rejects_inconsistent_shapes():
 
 def test_expected_tensor_names_are_the_official_set():
     names = set(Ideogram4DiT.expected_tensor_names(Ideogram4Config()))
-    assert len(names) == 458  # spec §2.2: 458 tensors per branch with fused names
+    assert len(names) == 458  # docs/spec.md §2.2: 458 tensors per branch with fused names
     assert {"embed_image_indicator.weight", "layers.33.attention.qkv.weight", "llm_cond_proj.bias"} <= names
     uncond = set(Ideogram4DiT.expected_tensor_names(Ideogram4Config(), with_text=False))
     assert names - uncond == {"llm_cond_norm.weight", "llm_cond_proj.weight", "llm_cond_proj.bias"}

@@ -122,7 +122,7 @@ def test_two_branch_gguf_q4_k_from_the_llama_cpp_quantizer(tmp_path):
     assert "9 Q4_K" in info.summary() and "q4k.gguf" in info.summary()
     expected = _expected(decoded["conditional_transformer."], decoded["unconditional_transformer."], config)
     _assert_same((cond, uncond, info), expected, atol=1e-6)
-    # Q4_K weights carry ~7 % RMS error here (9 % on Gaussian + outliers, gguf-and-kernels.md §4.8)
+    # Q4_K weights carry ~7 % RMS error here (9 % on Gaussian + outliers, docs/spec.md §G4.8)
     for got, exact, decoded_branch, original in zip(_velocities(cond, uncond), _expected(cond_sd, uncond_sd, config),
                                                     decoded.values(), (cond_sd, uncond_sd)):
         weight_error = _weight_error(decoded_branch, original)

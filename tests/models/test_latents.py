@@ -1,18 +1,16 @@
 """Latent layouts, official constants and the ComfyUI core FLUX.2 interchange.
 
-References: the official constants (ideogram4-spec.md §5.2 spot values, ../shared/data JSON), the index rule of
-spec §2.9 (checked element by element), diffusers 0.42.1 `Flux2Pipeline._patchify_latents` /
+References: the official constants (docs/spec.md §5.2 spot values, and a digest of all 256 values), the index
+rule of docs/spec.md §2.9 (checked element by element), diffusers 0.42.1 `Flux2Pipeline._patchify_latents` /
 `_unpatchify_latents` and its bn de-normalisation (the FLUX.2-order path ComfyUI core also follows), and diffusers'
 `VaeImageProcessor.postprocess` for the IMAGE conversion."""
 
-import json
+import hashlib
 
 import pytest
 import torch
 from ideogram4_gguf.errors import LatentFormatError
 from ideogram4_gguf.models import latents as L
-
-from ..conftest import SHARED_DATA
 
 
 def _random_bn(channels=128, seed=0):
@@ -23,7 +21,7 @@ def _random_bn(channels=128, seed=0):
 def test_official_constants_spot_values():
     norm = L.load_official_latent_norm()
     assert norm.shift.shape == norm.scale.shape == (128,)
-    # ideogram4-spec.md §5.2
+    # docs/spec.md §5.2
     assert norm.shift[0].item() == pytest.approx(0.01984364, abs=1e-8)
     assert norm.shift[127].item() == pytest.approx(-0.01760592, abs=1e-8)
     assert norm.scale[0].item() == pytest.approx(1.63933691, abs=1e-7)
@@ -33,16 +31,20 @@ def test_official_constants_spot_values():
     assert L.load_official_latent_norm() is norm  # cached
 
 
-@pytest.mark.skipif(SHARED_DATA is None, reason="../shared/data not found (set IDEOGRAM4_SHARED_DATA)")
-def test_official_constants_equal_shared_data():
-    shared = json.loads((SHARED_DATA / "ideogram4_latent_norm.json").read_text())
+# SHA-256 of the 256 official values as little-endian float32 (LATENT_SHIFT then LATENT_SCALE), computed from the
+# constants of the official latent_norm.py (ideogram-oss/ideogram4 at 415abf4) as published; any edit of
+# data/ideogram4_latent_norm.json changes it.
+OFFICIAL_CONSTANTS_SHA256 = "bab29253cd193eb96c77649bdcc041219407b33fb1303f2abb54fb5e783fb68c"
+
+
+def test_official_constants_equal_the_published_values():
     norm = L.load_official_latent_norm()
-    assert torch.equal(norm.shift, torch.tensor(shared["LATENT_SHIFT"], dtype=torch.float32))
-    assert torch.equal(norm.scale, torch.tensor(shared["LATENT_SCALE"], dtype=torch.float32))
+    values = torch.cat([norm.shift, norm.scale]).numpy().astype("<f4")
+    assert hashlib.sha256(values.tobytes()).hexdigest() == OFFICIAL_CONSTANTS_SHA256
 
 
 def test_unpatchify_follows_the_patch_major_index_rule():
-    # spec §2.9: token (r, c) channel (pi*2 + pj)*C + ch = vae_latent[ch, 2r + pi, 2c + pj]
+    # docs/spec.md §2.9: token (r, c) channel (pi*2 + pj)*C + ch = vae_latent[ch, 2r + pi, 2c + pj]
     gh, gw, c = 3, 4, 5
     tokens = torch.randn(2, gh * gw, 4 * c)
     z = L.tokens_to_vae_latent(tokens, gh, gw)

@@ -278,8 +278,8 @@ def test_resolve_memory_mode(tmp_path):
         assert resolve_memory_mode("auto", cond, uncond, "cuda", free_bytes=int(free), **sizes) == expected
 
 
-def test_full_size_plans_match_gguf_and_kernels_section_8():
-    # gguf-and-kernels.md §8.2/8.3: both Q4_K branches 10.44 GB; the streamed-uncond plan ≈ 6.3 GiB resident peak;
+def test_full_size_plans_match_the_spec_memory_plans():
+    # docs/spec.md §G8.1-§G8.3: both Q4_K branches 10.44 GB; the streamed-uncond plan ≈ 6.3 GiB resident peak;
     # both resident ≈ 10.8-11.0 GiB (bf16, 1024², batch 1). Stored bytes as the loader holds them (uncond without
     # llm_cond_*): the q4_k recipe's sizes.
     from ideogram4_gguf.bench.pipeline import full_size_stored_bytes

@@ -1,6 +1,6 @@
 """Our Qwen3 text decoder and its 13 taps vs transformers 5.24 `Qwen3VLModel.language_model` (tiny, 36 layers).
 
-Reference semantics (spec §4.3): tap k = `hidden_states[k+1]` for k <= 34; tap 35 = output of layer 35 *before*
+Reference semantics (docs/spec.md §4.3): tap k = `hidden_states[k+1]` for k <= 34; tap 35 = output of layer 35 *before*
 the final norm; interleaved so that feature index = hidden_unit * 13 + tap_index.
 """
 

@@ -1,7 +1,7 @@
 """Qwen tokenizer from every source vs transformers 5.24 `Qwen2Tokenizer` on the real vocabulary.
 
-Reference: transformers' `AutoTokenizer` over ../shared/data/qwen25_tokenizer (the files ComfyUI ships), which
-is what official and diffusers tokenize with; known template ids from spec §4.2.
+Reference: transformers' `AutoTokenizer` over tests/data/qwen25_tokenizer (the files ComfyUI ships), which
+is what official and diffusers tokenize with; known template ids from docs/spec.md §4.2.
 """
 
 import json
@@ -18,9 +18,7 @@ from ideogram4_gguf.models.tokenizer import (
     load_qwen_tokenizer,
 )
 
-from ..conftest import SHARED_DATA
-
-pytestmark = pytest.mark.skipif(SHARED_DATA is None, reason="shared data folder with qwen25_tokenizer/ not found")
+from ..conftest import qwen_tokenizer_dir
 
 PREFIX_IDS = [151644, 872, 198]
 SUFFIX_IDS = [151645, 198, 151644, 77091, 198]
@@ -46,7 +44,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def folder():
-    return SHARED_DATA / "qwen25_tokenizer"
+    return qwen_tokenizer_dir()
 
 
 @pytest.fixture(scope="module")

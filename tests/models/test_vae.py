@@ -169,7 +169,7 @@ def test_plan_decode_chooses_by_free_memory():
     assert V.plan_decode(full, 1024, 1024, tiled="off", free_memory_bytes=1).tiled is False
     forced = V.plan_decode(full, 1024, 1024, tiled="on", free_memory_bytes=1 << 40)
     assert forced.tiled and forced.tile_px == 512 and forced.overlap_px == 128 and forced.head_levels == 2
-    # The bound: 2048x2048 in bf16 decodes within 4 GB of activations on the auto path.
+    # The memory target: 2048x2048 in bf16 decodes within 4 GB of activations on the auto path.
     assert full.estimate_peak_bytes(2048, 2048) > 4 * 10**9
     plan = V.plan_decode(full, 2048, 2048, free_memory_bytes=4 * 10**9)
     assert plan.tiled and plan.estimated_peak_bytes <= 4 * 10**9 and plan.tile_px >= 1024 and plan.head_levels == 2

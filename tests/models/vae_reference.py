@@ -1,11 +1,11 @@
 """Reference models and files for the VAE tests: tiny diffusers `AutoencoderKLFlux2` (diffusers 0.42.1) with every
-parameter re-randomised, and a writer for the BFL/ComfyUI naming built from the table in ideogram4-spec.md §5.5."""
+parameter re-randomised, and a writer for the BFL/ComfyUI naming built from the table in docs/spec.md §5.5."""
 
 import re
 
 import torch
 
-# ideogram4-spec.md §8.2: the tiny FLUX.2 VAE config that diffusers builds on the CPU in milliseconds.
+# docs/spec.md §8.2: the tiny FLUX.2 VAE config that diffusers builds on the CPU in milliseconds.
 TINY_CONFIG = {
     "block_out_channels": (32, 32),
     "down_block_types": ("DownEncoderBlock2D",) * 2,
@@ -21,7 +21,7 @@ def randomize_(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     """Re-randomise every parameter (default init leaves norms at 1 and biases at 0) and the bn buffers.
 
     Weights ~ N(0, 1/fan_in) keep activations O(1) through many layers, so fp32 differences stay meaningful;
-    norm scales 1 + N(0, 0.2), biases N(0, 0.2); bn running_var in [2, 3.5] (spec §8.2)."""
+    norm scales 1 + N(0, 0.2), biases N(0, 0.2); bn running_var in [2, 3.5] (docs/spec.md §8.2)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -46,8 +46,8 @@ def tiny_diffusers_vae(seed: int = 0, **overrides):
     return randomize_(AutoencoderKLFlux2(**{**TINY_CONFIG, **overrides}), seed)
 
 
-# diffusers -> BFL / ComfyUI names, written from the spec table (ideogram4-spec.md §5.5) plus the upsampler row
-# of ComfyUI's comfy/diffusers_convert.py (`up_blocks.{i}.upsamplers.0.` <-> `up.{n-1-i}.upsample.`).
+# diffusers -> BFL / ComfyUI names, written from the table in docs/spec.md §5.5, whose upsampler row comes from
+# ComfyUI's comfy/diffusers_convert.py (`up_blocks.{i}.upsamplers.0.` <-> `up.{n-1-i}.upsample.`).
 _TO_BFL = (
     (r"^post_quant_conv\.", "decoder.post_quant_conv."),
     (r"^quant_conv\.", "encoder.quant_conv."),

@@ -51,6 +51,7 @@ class Schema:
     hidden: list = field(default_factory=list)
     description: str = ""
     is_output_node: bool = False
+    search_aliases: list = field(default_factory=list)
 
     def object_info(self):
         """The node's entry as /object_info reports it (input sections, input_order, outputs)."""
@@ -107,7 +108,9 @@ def install():
     io = types.ModuleType("comfy_api.latest.io")
     io.Schema, io.ComfyNode, io.NodeOutput, io.Hidden = Schema, ComfyNode, NodeOutput, _Hidden
     for name, io_type in (("Int", "INT"), ("Float", "FLOAT"), ("String", "STRING"), ("Boolean", "BOOLEAN"),
-                          ("Combo", "COMBO"), ("Latent", "LATENT"), ("Image", "IMAGE")):
+                          ("Combo", "COMBO"), ("Latent", "LATENT"), ("Image", "IMAGE"), ("Model", "MODEL"),
+                          ("Conditioning", "CONDITIONING"), ("Sigmas", "SIGMAS"), ("Guider", "GUIDER"),
+                          ("Noise", "NOISE")):
         setattr(io, name, _socket(io_type))
     io.Custom = _socket
     ui = types.ModuleType("comfy_api.latest.ui")

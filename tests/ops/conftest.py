@@ -3,7 +3,7 @@
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as Q
 
-# Byte offsets of the f16 scale fields inside one block, per type (gguf-and-kernels.md §3).
+# Byte offsets of the f16 scale fields inside one block, per type (docs/spec.md §G3).
 F16_FIELDS = {
     Q.Q8_0: (0,), Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2),
     Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,), Q.IQ4_NL: (0,),

@@ -1,4 +1,4 @@
-"""JSON caption schema tools against the schema of spec §4.4 (training format of Ideogram 4)."""
+"""JSON caption schema tools against the schema of docs/spec.md §4.4 (training format of Ideogram 4)."""
 
 import json
 

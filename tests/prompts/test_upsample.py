@@ -21,7 +21,7 @@ from ideogram4_gguf.prompts.upsample import (
     upsample_prompt,
 )
 
-from ..conftest import SHARED_DATA
+from ..conftest import qwen_tokenizer_dir
 from ..models.te_reference import TINY_VOCAB, one_cpu_thread, tiny_qwen3vl_generator  # noqa: F401
 
 
@@ -117,11 +117,10 @@ def test_chat_has_system_instruction_and_reduced_aspect_ratio():
     assert validate_caption(example) == [] and minify(json.loads(example)) == example  # the example is canonical
 
 
-@pytest.mark.skipif(SHARED_DATA is None, reason="shared data folder with qwen25_tokenizer/ not found")
 def test_end_to_end_with_real_tokenizer_and_random_weights():
     from ideogram4_gguf.models.tokenizer import load_qwen_tokenizer
 
-    tokenizer = load_qwen_tokenizer(SHARED_DATA / "qwen25_tokenizer")
+    tokenizer = load_qwen_tokenizer(qwen_tokenizer_dir())
     config = Qwen3TextConfig(vocab_size=151936, hidden_size=16, intermediate_size=32, num_heads=2, num_kv_heads=1,
                              head_dim=8)
     torch.manual_seed(0)

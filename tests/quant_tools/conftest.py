@@ -1,7 +1,7 @@
 """Tiny random Ideogram 4 transformers written in each release layout, and the ggml reference quantizer.
 
 The tensor names come from diffusers' `Ideogram4Transformer2DModel` (the executable reference, split attention
-names); the official fused layout is derived from them by row concatenation (q, k, v), as ideogram4-spec.md §2.2.1
+names); the official fused layout is derived from them by row concatenation (q, k, v), as docs/spec.md §2.2.1
 describes. torch is used here only to build and write the test files (quant_tools itself never imports it).
 """
 
@@ -185,7 +185,7 @@ def layouts(tmp_path_factory, small_models):
     return made
 
 
-# ---- the ggml reference quantizer (ggml-python 0.0.45, `ggml_quantize_chunk`, gguf-and-kernels.md §4.6) ----
+# ---- the ggml reference quantizer (ggml-python 0.0.45, `ggml_quantize_chunk`, docs/spec.md §G4.6) ----
 
 @pytest.fixture(scope="session")
 def ggml_quantize():

@@ -1,6 +1,6 @@
-"""Recipe decisions on the full-size Ideogram 4 tensor table (ideogram4-spec.md §2.2) and recipe validation.
+"""Recipe decisions on the full-size Ideogram 4 tensor table (docs/spec.md §2.2) and recipe validation.
 
-Reference numbers: the published Transformer Lab builds (gguf-and-kernels.md §9): two-branch Q4_K 10.4 GB,
+Reference numbers: the published Transformer Lab builds (docs/spec.md §G9): two-branch Q4_K 10.4 GB,
 Q8_0 19.7 GB.
 """
 

@@ -1,7 +1,7 @@
 """Layout detection and float32 reading of every release layout, and the refusals on bad input.
 
 References: torch for fp8 / bf16 decoding (`fp8.float() * weight_scale[:, None]` in float32) and `torch.cat` of
-diffusers' to_q/to_k/to_v rows for the fused qkv (ideogram4-spec.md §2.2.1).
+diffusers' to_q/to_k/to_v rows for the fused qkv (docs/spec.md §2.2.1).
 """
 
 import json

@@ -1,4 +1,4 @@
-"""A tiny diffusers 0.42.1 `Ideogram4Pipeline` (spec §8.2-8.4): tiny DiT pair, tiny Qwen3-VL, toy tokenizer.
+"""A tiny diffusers 0.42.1 `Ideogram4Pipeline` (docs/spec.md §8.2-§8.4): tiny DiT pair, tiny Qwen3-VL, toy tokenizer.
 
 The VAE is never run (output_type="latent"); it has four levels only so that the pipeline's pixel-to-token factor
 is 16 like the real model's, which lets both sides use the same pixel sizes and resolution shift.
@@ -25,7 +25,7 @@ CHAT_TEMPLATE = (
 
 
 def toy_tokenizer() -> PreTrainedTokenizerFast:
-    """Character-level WordLevel tokenizer with the ChatML specials (spec §8.4)."""
+    """Character-level WordLevel tokenizer with the ChatML specials (docs/spec.md §8.4)."""
     chars = [chr(c) for c in range(32, 127)] + ["\n"]
     vocab = {"<pad>": 0, "<unk>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

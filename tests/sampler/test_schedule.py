@@ -1,5 +1,5 @@
 """Schedule and presets against diffusers 0.42.1 (`_logit_normal_sigmas`, `FlowMatchEulerDiscreteScheduler`) and
-the official numbers in ideogram4-spec.md §3.2-3.4."""
+the official numbers in docs/spec.md §3.2-§3.4."""
 
 import pytest
 import torch
@@ -30,7 +30,7 @@ def test_schedule_matches_diffusers_sigmas(preset, width, height):
     assert one[-1].item() == 1.0 == diffusers_t[-1].item()
 
 
-# ideogram4-spec.md §3.2 test vectors: t[1], t[2], t[N-2], t[N-1] (4 decimals), chronological.
+# docs/spec.md §3.2 test vectors: t[1], t[2], t[N-2], t[N-1] (4 decimals), chronological.
 SPEC_TABLE = [
     ("quality", 1024, (0.0230, 0.0359, 0.8704, 0.9139)),
     ("quality", 2048, (0.0116, 0.0183, 0.7705, 0.8414)),
@@ -61,7 +61,8 @@ def test_quality_1024_full_digits():
 
 
 def test_presets_are_the_official_ones():
-    # official sampler_configs.PRESETS (spec §3.4); the quality schedule equals diffusers' default guidance_schedule
+    # official sampler_configs.PRESETS (docs/spec.md §3.4); the quality schedule equals diffusers' default
+    # guidance_schedule
     import inspect
 
     from diffusers import Ideogram4Pipeline

@@ -26,7 +26,10 @@ from .ui_to_api import (CONTROL_VALUES, CORE_NODES, UI_ONLY, convert, is_widget,
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = ROOT / "workflows"
-SHIPPED = ["ideogram4_q4k_text_to_image", "ideogram4_q4k_json_prompt", "ideogram4_q4k_low_vram"]
+# Workflows sampling with the pack's own Ideogram4 Sampler, and the core-graph one (core MODELs, SamplerCustomAdvanced).
+SAMPLER_WORKFLOWS = ["ideogram4_q4k_text_to_image", "ideogram4_q4k_json_prompt", "ideogram4_q4k_low_vram"]
+CORE_GRAPH = "ideogram4_q4k_core_graph"
+SHIPPED = SAMPLER_WORKFLOWS + [CORE_GRAPH]
 # API-format copies (for scripting) -> the UI workflow they are the conversion of. In a subfolder, so ComfyUI's
 # template browser (which lists workflows/*.json) does not offer them.
 API_COPIES = {"api/ideogram4_q4k_text_to_image.json": "ideogram4_q4k_text_to_image.json"}
@@ -41,10 +44,24 @@ SETTINGS = {
     "ideogram4_q4k_low_vram": {("IG4ModelLoader", "memory_mode"): "stream_uncond",
                                ("IG4TextEncode", "text_encoder"): "Qwen3-VL-8B-Instruct-Q4_K_M.gguf",
                                ("IG4VAEDecode", "tiled"): "auto"},
+    CORE_GRAPH: {("IG4CoreModelLoader", "dit_name"): "ideogram4-q4_k.gguf",
+                 ("IG4CoreModelLoader", "compute_dtype"): "auto",
+                 ("IG4TextEncode", "text_encoder"): "qwen3vl_8b_fp8_scaled.safetensors",
+                 ("IG4EmptyLatent", "width"): 1024, ("IG4EmptyLatent", "height"): 1024,
+                 ("IG4OfficialSigmas", "steps"): 20, ("IG4OfficialSigmas", "mu"): 0.0,
+                 ("IG4OfficialSigmas", "std"): 1.75, ("IG4OfficialSigmas", "terminal"): "official",
+                 ("IG4OfficialGuider", "guidance"): 7.0, ("IG4OfficialGuider", "polish_steps"): 2,
+                 ("IG4OfficialGuider", "polish_guidance"): 3.0, ("KSamplerSelect", "sampler_name"): "euler",
+                 ("IG4VAEDecode", "vae_name"): "flux2-vae.safetensors"},
 }
 COMMON_SETTINGS = {("IG4Sampler", "width"): 1024, ("IG4Sampler", "height"): 1024,
                    ("IG4Sampler", "preset"): "default", ("IG4ModelLoader", "dit_name"): "ideogram4-q4_k.gguf",
                    ("IG4ModelLoader", "compute_dtype"): "auto", ("IG4VAEDecode", "vae_name"): "flux2-vae.safetensors"}
+# The nodes each kind of workflow must run.
+PIPELINE = {"sampler": {"IG4ModelLoader", "IG4TextEncode", "IG4Sampler", "IG4VAEDecode", "SaveImage"},
+            "core": {"IG4CoreModelLoader", "IG4TextEncode", "IG4OfficialGuider", "IG4OfficialSigmas",
+                     "IG4OfficialNoise", "IG4EmptyLatent", "KSamplerSelect", "SamplerCustomAdvanced", "IG4VAEDecode",
+                     "SaveImage"}}
 HF_RESOLVE = re.compile(r"^https://huggingface\.co/[\w.-]+/[\w.-]+/resolve/main/(?:[\w.-]+/)*(?P<name>[\w.-]+)$")
 
 
@@ -178,10 +195,9 @@ def test_links_type_check(workflow, object_info):
 
 
 def test_every_required_input_is_linked_or_set(workflow, object_info):
-    _, wf = workflow
+    name, wf = workflow
     prompt = convert(wf, object_info)
-    assert {p["class_type"] for p in prompt.values()} >= {"IG4ModelLoader", "IG4TextEncode", "IG4Sampler",
-                                                          "IG4VAEDecode", "SaveImage"}
+    assert {p["class_type"] for p in prompt.values()} >= PIPELINE["core" if name == CORE_GRAPH else "sampler"]
     for node_id, entry in prompt.items():
         info = object_info[entry["class_type"]]
         missing = [name for name, _, required in ordered_inputs(info) if required and name not in entry["inputs"]]
@@ -207,12 +223,30 @@ def test_settings_per_workflow(workflow, object_info):
     name, wf = workflow
     prompt = convert(wf, object_info)
     by_class = {p["class_type"]: p["inputs"] for p in prompt.values()}
-    for (kind, input_name), value in {**COMMON_SETTINGS, **SETTINGS[name]}.items():
+    expected = SETTINGS[name] if name == CORE_GRAPH else {**COMMON_SETTINGS, **SETTINGS[name]}
+    for (kind, input_name), value in expected.items():
         assert by_class[kind][input_name] == value, f"{name}: {kind}.{input_name}"
-    sampler = nodes_by_type(wf)["IG4Sampler"]
-    seed = widget_values(sampler, object_info["IG4Sampler"])["seed"]
-    assert by_class["IG4Sampler"]["seed"] == seed and seed > 0  # the control value never reaches the API
+    kind, seed_input = ("IG4OfficialNoise", "noise_seed") if name == CORE_GRAPH else ("IG4Sampler", "seed")
+    seed = widget_values(nodes_by_type(wf)[kind], object_info[kind])[seed_input]
+    assert by_class[kind][seed_input] == seed and seed > 0  # the control value never reaches the API
     assert "randomize" not in json.dumps(prompt)
+
+
+def test_core_graph_has_a_bypassed_lora_on_the_conditional_model(object_info):
+    """The LoRA loader sits between our core MODEL loader and the guider, bypassed (mode 4): the queued prompt
+    skips it and wires the loader's conditional MODEL straight into the guider."""
+    wf = load(CORE_GRAPH)
+    nodes = nodes_by_type(wf)
+    lora, loader, guider = nodes["LoraLoaderModelOnly"], nodes["IG4CoreModelLoader"], nodes["IG4OfficialGuider"]
+    assert lora["mode"] == 4
+    links = {link[0]: link for link in wf["links"]}
+    into_guider = {e["name"]: links[e["link"]] for e in guider["inputs"] if e.get("link") is not None}
+    assert into_guider["model"][1] == lora["id"] and into_guider["model_uncond"][1:3] == [loader["id"], 1]
+    [lora_in] = [links[e["link"]] for e in lora["inputs"] if e["name"] == "model"]
+    assert lora_in[1:3] == [loader["id"], 0]
+    prompt = convert(wf, object_info)
+    assert "LoraLoaderModelOnly" not in {p["class_type"] for p in prompt.values()}
+    assert prompt[str(guider["id"])]["inputs"]["model"] == [str(loader["id"]), 0]
 
 
 def test_example_prompts_are_minified_captions(object_info):
@@ -247,8 +281,10 @@ def test_api_copy_is_the_conversion_of_the_ui_workflow(copy_name, object_info):
     assert api == convert(ui, object_info)
 
 
-def test_workflow_runs_on_the_tiny_models(workflow, object_info, demo_models, tmp_path):
-    name, wf = workflow
+@pytest.mark.parametrize("name", SAMPLER_WORKFLOWS)
+def test_workflow_runs_on_the_tiny_models(name, object_info, demo_models, tmp_path):
+    """The pack's nodes outside ComfyUI (the core-graph workflow needs core's sampler: tests/comfyui runs it)."""
+    wf = load(name)
     files = {"diffusion_models": demo_models.dit, "text_encoders": demo_models.text_encoder, "vae": demo_models.vae}
     prompt = for_tiny_models(convert(wf, object_info), {k: str(v) for k, v in files.items()})
     outputs, saved = run_prompt(prompt, tmp_path)

@@ -9,12 +9,16 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ideogram4_gguf.sampler.presets import PRESETS
+
 from .ui_to_api import execution_order
 
 # Model-file dropdowns -> the ComfyUI model folder they list. Their options are the files in that folder (empty
 # outside ComfyUI), so tests check the stored names against the node's `properties.models` instead.
 MODEL_FILE_INPUTS = {("IG4ModelLoader", "dit_name"): "diffusion_models",
                      ("IG4ModelLoader", "uncond_name"): "diffusion_models",
+                     ("IG4CoreModelLoader", "dit_name"): "diffusion_models",
+                     ("IG4CoreModelLoader", "uncond_name"): "diffusion_models",
                      ("IG4TextEncode", "text_encoder"): "text_encoders",
                      ("IG4VAEDecode", "vae_name"): "vae",
                      ("IG4LatentToFlux2", "vae_name"): "vae"}
@@ -35,6 +39,13 @@ def for_tiny_models(prompt: dict, files: dict[str, str], size=256, preset="turbo
             inputs.update(width=size, height=size, preset=preset, steps=steps)
             if seed is not None:
                 inputs["seed"] = seed
+        elif entry["class_type"] in ("IG4EmptyLatent", "IG4OfficialSigmas"):  # the core-graph workflow
+            inputs.update(width=size, height=size)
+            if entry["class_type"] == "IG4OfficialSigmas":
+                turbo = PRESETS[preset]
+                inputs.update(steps=steps or turbo.steps, mu=turbo.mu, std=turbo.std)
+        elif entry["class_type"] == "IG4OfficialNoise" and seed is not None:
+            inputs["noise_seed"] = seed
     return prompt
 
 

@@ -1,7 +1,8 @@
 """UI-format workflow (the frontend's save format, version 0.4) -> API prompt, for the tests.
 
 The rules are the frontend's (`graphToPrompt`, checked against ComfyUI frontend 1.47.10 on the shipped workflows):
-- UI-only nodes (notes) and muted (mode 2) / bypassed (mode 4) nodes are dropped;
+- UI-only nodes (notes) and muted (mode 2) / bypassed (mode 4) nodes are dropped; a link out of a bypassed node
+  is followed back through it to the link feeding its input of the same type (the same slot first);
 - a node's widget inputs, in the schema's `input_order` (required, then optional), take the `widgets_values`
   slots one by one; a widget with `control_after_generate` (the seed) has one more slot right after it for the
   control value ("randomize", ...), which is UI state and never reaches the API;
@@ -20,8 +21,30 @@ UI_ONLY = {"Note", "MarkdownNote"}
 SKIPPED_MODES = {2, 4}
 CONTROL_VALUES = ("fixed", "increment", "decrement", "randomize")
 
-# The core nodes the shipped workflows use, as ComfyUI 0.29.0's /object_info reports them (reduced).
+# The core nodes the shipped workflows use, as ComfyUI 0.29.0's /object_info reports them (reduced: KSamplerSelect
+# lists the first samplers only; LoraLoaderModelOnly's lora list is the server's loras folder, empty here).
 CORE_NODES = {
+    "LoraLoaderModelOnly": {
+        "input": {"required": {"model": ["MODEL"], "lora_name": [[]],
+                               "strength_model": ["FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01}]}},
+        "input_order": {"required": ["model", "lora_name", "strength_model"]},
+        "output": ["MODEL"], "output_name": ["MODEL"],
+        "name": "LoraLoaderModelOnly", "display_name": "Load LoRA", "output_node": False,
+    },
+    "KSamplerSelect": {
+        "input": {"required": {"sampler_name": ["COMBO", {"multiselect": False,
+                                                          "options": ["euler", "euler_cfg_pp", "euler_ancestral"]}]}},
+        "input_order": {"required": ["sampler_name"]},
+        "output": ["SAMPLER"], "output_name": ["SAMPLER"],
+        "name": "KSamplerSelect", "display_name": None, "output_node": False,
+    },
+    "SamplerCustomAdvanced": {
+        "input": {"required": {"noise": ["NOISE", {}], "guider": ["GUIDER", {}], "sampler": ["SAMPLER", {}],
+                               "sigmas": ["SIGMAS", {}], "latent_image": ["LATENT", {}]}},
+        "input_order": {"required": ["noise", "guider", "sampler", "sigmas", "latent_image"]},
+        "output": ["LATENT", "LATENT"], "output_name": ["output", "denoised_output"],
+        "name": "SamplerCustomAdvanced", "display_name": None, "output_node": False,
+    },
     "SaveImage": {
         "input": {"required": {"images": ["IMAGE", {}],
                                "filename_prefix": ["STRING", {"default": "ComfyUI"}]}},
@@ -105,6 +128,7 @@ def convert(workflow: dict, object_info: dict) -> dict:
     links = {link[0]: link for link in workflow["links"]}  # [id, origin_id, origin_slot, target_id, target_slot, type]
     nodes = kept_nodes(workflow)
     kept_ids = {n["id"] for n in nodes}
+    by_id = {n["id"]: n for n in workflow["nodes"]}
     prompt = {}
     for node in nodes:
         info = object_info.get(node["type"])
@@ -112,7 +136,7 @@ def convert(workflow: dict, object_info: dict) -> dict:
             raise WorkflowError(f"node {node['id']}: unknown node type {node['type']!r}")
         linked = {}
         for entry in node.get("inputs", []):
-            link = links.get(entry.get("link"))
+            link = _through_bypassed(links.get(entry.get("link")), links, by_id)
             if link is not None and link[1] in kept_ids:
                 linked[entry["name"]] = [str(link[1]), link[2]]
         stored = widget_values(node, info)
@@ -125,6 +149,19 @@ def convert(workflow: dict, object_info: dict) -> dict:
         title = node.get("title") or info.get("display_name") or node["type"]
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs, "_meta": {"title": title}}
     return prompt
+
+
+def _through_bypassed(link, links: dict, nodes: dict):
+    """The link that really feeds an input: while the origin is bypassed (mode 4), the link into its input of the
+    link's type (the same slot first)."""
+    while link is not None and nodes.get(link[1], {}).get("mode", 0) == 4:
+        inputs = nodes[link[1]].get("inputs", [])
+        candidates = [i for i, entry in enumerate(inputs) if entry["type"] == link[5]]
+        if not candidates:
+            return None
+        slot = link[2] if link[2] in candidates else candidates[0]
+        link = links.get(inputs[slot].get("link"))
+    return link
 
 
 def execution_order(prompt: dict) -> list[str]:
