@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 
-from .errors import Ideogram4Error
+from .errors import Ideogram4Error, ModelFileError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tiled", choices=("auto", "on", "off"), default="auto", help="tiled VAE decode")
     gen.add_argument("--strict-prompt", action="store_true", help="refuse prompts that are not valid captions")
     gen.add_argument("--truncate", action="store_true", help="cut prompts longer than 2048 tokens")
+    gen.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH[:BRANCH]]",
+                     help="apply a LoRA (safetensors; repeatable): strength default 1.0 (negative allowed), branch "
+                          "auto | cond | uncond | both (auto: the branch the file was trained for)")
     gen.add_argument("--out", default="ideogram4.png")
 
     dl = sub.add_parser("download", help="download the model files into ComfyUI's models/ folder")
@@ -73,14 +77,43 @@ def _read_prompt(text: str) -> str:
     return text
 
 
+def parse_lora_spec(spec: str) -> tuple[str, float, str]:
+    """FILE[:STRENGTH[:BRANCH]] -> (file, strength, branch); read from the right, so paths with colons (C:\...) work."""
+    from .models.lora import BRANCH_CHOICES
+
+    parts = spec.split(":")
+    branch, strength = "auto", 1.0
+    if len(parts) > 1 and parts[-1] in BRANCH_CHOICES:
+        branch = parts.pop()
+    if len(parts) > 1:
+        try:
+            strength = float(parts[-1]) if parts[-1] else 1.0
+            parts.pop()
+        except ValueError:
+            pass
+    path = ":".join(parts)
+    if not path:
+        raise ModelFileError(f"--lora {spec!r}: no file given (FILE[:STRENGTH[:BRANCH]]).")
+    if not math.isfinite(strength):
+        raise ModelFileError(f"--lora {spec!r}: the strength must be a finite number.")
+    return path, strength, branch
+
+
 def _generate(args) -> int:
     from tqdm import tqdm
 
     from . import pipeline
 
     device = pipeline.resolve_device(args.device)
+    loras = []
+    for spec in args.lora:  # read (and reject) the LoRA files before minutes of loading
+        path, strength, branch = parse_lora_spec(spec)
+        loras.append((pipeline.read_lora(path, branch="auto" if branch == "both" else branch), strength, branch))
     print(f"loading the DiT from {args.dit} ...", file=sys.stderr)
     model = pipeline.load_model(args.dit, args.uncond, compute_dtype=args.dtype, kernel=args.kernel, device=device)
+    for lora, strength, branch in loras:
+        model = model.with_lora(lora, strength, "both" if branch == "both" else "auto")
+        print(f"LoRA {lora.summary()}; strength {strength:g}", file=sys.stderr)
     print(model.summary(), file=sys.stderr)
     print(f"encoding the prompt with {args.text_encoder} ...", file=sys.stderr)
     conditioning = pipeline.encode_prompt(args.text_encoder, _read_prompt(args.prompt),

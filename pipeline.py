@@ -6,7 +6,9 @@ plain arguments and callbacks; `nodes/comfy_adapter.py` supplies them inside Com
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,8 @@ from .errors import Ideogram4Error, ModelFileError, PromptError
 from .models.dit import default_compute_dtype
 from .models.dit_loader import DiTLoadInfo, load_dit_branches
 from .models.latents import LatentNorm, tokens_to_latent_dict
+from .models.lora import BRANCH_CHOICES, LoraFile, LoraHandles, bind, install
+from .models.lora import read_lora as _read_lora
 from .models.residency import MEMORY_MODES, estimate_peak_bytes, place_branches, resolve_memory_mode, stored_bytes
 from .models.text_encoder import unload_text_encoder
 from .models.text_encoder_loader import load_text_encoder
@@ -54,12 +58,28 @@ def resolve_dtype(dtype, device) -> torch.dtype:
 # The DiT pair
 
 
+@dataclass
+class _Residency:
+    placement: object = None  # residency.Placement while placed
+
+
+@dataclass(frozen=True)
+class AppliedLora:
+    """A LoRA file on one branch ("cond" / "uncond") at a strength."""
+
+    lora: LoraFile
+    strength: float
+    branch: str
+
+
 @dataclass(eq=False)  # identity semantics: hashable, so caches can hold it weakly
 class Ideogram4Model:
     """Both DiT branches, loaded packed on the CPU (memory-mapped GGUF), and where they run.
 
     Sampling places them on `device` in `memory_mode` (models/residency.py: both resident, the unconditional
-    branch streamed layer by layer from pinned host memory, or both streamed); `offload()` undoes it.
+    branch streamed layer by layer from pinned host memory, or both streamed); `offload()` undoes it. `loras` run
+    beside the branches while sampling (models/lora.py); `with_lora` returns a model that shares the branches and
+    their placement with this one.
     """
 
     cond_branch: torch.nn.Module
@@ -67,7 +87,39 @@ class Ideogram4Model:
     info: DiTLoadInfo
     device: torch.device
     memory_mode: str = "auto"
-    placement: object = None  # residency.Placement while placed
+    loras: tuple[AppliedLora, ...] = ()
+    residency: _Residency = field(default_factory=_Residency, repr=False)
+
+    @property
+    def placement(self):
+        return self.residency.placement
+
+    @placement.setter
+    def placement(self, value):
+        self.residency.placement = value
+
+    def with_lora(self, lora: LoraFile, strength: float = 1.0, branch: str = "auto") -> "Ideogram4Model":
+        """This model plus a LoRA on `branch` ("auto": the branch the file was trained for; "both"); the
+        branches, their placement and the packed weights are shared, nothing is merged."""
+        if branch not in BRANCH_CHOICES:
+            raise ValueError(f"LoRA branch must be one of {BRANCH_CHOICES}, got {branch!r}")
+        if not math.isfinite(strength):
+            raise ValueError(f"LoRA strength must be a finite number, got {strength!r}")
+        roles = ("cond", "uncond") if branch == "both" else (lora.branch if branch == "auto" else branch,)
+        for role in roles:  # check the shapes now, not when sampling starts
+            bind(lora, self.cond_branch if role == "cond" else self.uncond_branch, 1.0, f" ({role} branch)")
+        return dataclasses.replace(self, loras=self.loras + tuple(AppliedLora(lora, strength, r) for r in roles))
+
+    def lora_hooks(self) -> LoraHandles:
+        """Install every LoRA's low-rank path on the placed branches (remove them with the returned handles)."""
+        handles = LoraHandles()
+        placement = self.placement
+        for applied in self.loras:
+            branch = self.cond_branch if applied.branch == "cond" else self.uncond_branch
+            terms, _ = bind(applied.lora, branch, applied.strength)
+            streamed = placement is not None and placement.is_streamed(applied.branch)
+            install(terms, keep_on_device=not streamed, handles=handles)
+        return handles
 
     def place(self, width: int = 1024, height: int = 1024, text_tokens: int = 512, free_bytes: int | None = None,
               make_room: Callable[[int], None] | None = None):
@@ -102,7 +154,8 @@ class Ideogram4Model:
 
     def summary(self) -> str:
         where = self.placement.summary() if self.placement is not None else f"memory mode {self.memory_mode}"
-        return f"{self.info.summary()}; runs on {self.device}, {where}"
+        loras = "".join(f"; LoRA {Path(a.lora.path).name} x{a.strength:g} on {a.branch}" for a in self.loras)
+        return f"{self.info.summary()}; runs on {self.device}, {where}{loras}"
 
     def __repr__(self):  # ComfyUI shows node inputs in error reports: one line, not two module trees
         return f"Ideogram4Model({self.summary()})"
@@ -121,6 +174,12 @@ def load_model(path, uncond_path=None, *, compute_dtype="auto", kernel="auto", m
     model = Ideogram4Model(cond, uncond, info, device, memory_mode)
     logger.info("Ideogram 4 DiT: %s", model.summary())
     return model
+
+
+def read_lora(path, *, branch: str = "auto") -> LoraFile:
+    """Read and check a LoRA file (any format of docs/lora.md) for `Ideogram4Model.with_lora`; branch "auto" |
+    "cond" | "uncond" says which DiT it was trained for ("auto": as the file says)."""
+    return _read_lora(path, branch=branch)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -250,9 +309,10 @@ def sample_latents(model: Ideogram4Model, conditioning: TextConditioning, *, wid
         )
     try:
         model.place(width, height, conditioning.token_count, free_bytes=free_bytes, make_room=make_room)
-        projected = model.cond_branch.project_text(features.to(model.device))
-        tokens = sample(model.cond_branch, model.uncond_branch, projected, width, height, seed=int(seed),
-                        batch_size=batch_size, settings=settings, callback=callback)
+        with model.lora_hooks():
+            projected = model.cond_branch.project_text(features.to(model.device))
+            tokens = sample(model.cond_branch, model.uncond_branch, projected, width, height, seed=int(seed),
+                            batch_size=batch_size, settings=settings, callback=callback)
     except _OUT_OF_MEMORY as exc:
         raise _out_of_memory(model, width, height, conditioning.token_count, exc) from exc
     return tokens_to_latent_dict(tokens.cpu(), *grid)

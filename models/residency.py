@@ -311,6 +311,10 @@ class Placement:
     def uncond(self) -> BranchPlacement:
         return self.placements["uncond"]
 
+    def is_streamed(self, role: str) -> bool:
+        """Whether branch `role` ("cond" / "uncond") is streamed layer by layer in this mode."""
+        return role in STREAMED[self.mode]
+
     @property
     def device_bytes(self) -> int:
         """Weight bytes resident on the device (streamed units in flight not counted)."""

@@ -12,14 +12,17 @@ from .encode import IG4TextEncode
 from .json_prompt import IG4JsonPrompt
 from .latent_convert import IG4LatentToFlux2
 from .loader import IG4ModelLoader
+from .lora import IG4LoraLoader
 from .sampler import IG4Sampler
 
-NODES = [IG4ModelLoader, IG4TextEncode, IG4Sampler, IG4VAEDecode, IG4JsonPrompt, IG4LatentToFlux2, *CORE_GRAPH_NODES]
+NODES = [IG4ModelLoader, IG4LoraLoader, IG4TextEncode, IG4Sampler, IG4VAEDecode, IG4JsonPrompt, IG4LatentToFlux2,
+         *CORE_GRAPH_NODES]
 
 
 class Ideogram4Extension(ComfyExtension):
     async def on_load(self):
         comfy_adapter.register_model_folders()
+        comfy_adapter.register_lora_key_map()
 
     async def get_node_list(self):
         return list(NODES)

@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 DIT_FOLDER = "ideogram4_dit"  # models/diffusion_models + models/unet: .gguf and .safetensors
 TEXT_ENCODER_FOLDER = "ideogram4_text_encoder"  # models/text_encoders + models/clip: .gguf and .safetensors
 VAE_FOLDER = "vae"
+LORA_FOLDER = "loras"
 _OWN_FOLDERS = {DIT_FOLDER: ("diffusion_models", {".gguf", ".safetensors", ".sft"}),
                 TEXT_ENCODER_FOLDER: ("text_encoders", {".gguf", ".safetensors", ".sft"})}
 NONE_CHOICE = "(none)"
@@ -35,6 +36,35 @@ def register_model_folders() -> None:
         paths = folder_paths.folder_names_and_paths[base][0]  # the same list object: later additions show up
         folder_paths.folder_names_and_paths[key] = (paths, set(extensions))
         folder_paths.filename_list_cache.pop(key, None)
+
+
+def register_lora_key_map() -> None:
+    """Let core's LoRA loaders read every Ideogram 4 LoRA format the pack reads, on any Ideogram 4 MODEL (ours and
+    core's own UNETLoader's): core maps only the bare official names, so diffusers / PEFT and OneTrainer files
+    (`transformer.` prefix, split to_q / to_k / to_v / to_out.0) load as "lora key not loaded" there
+    (Comfy-Org/ComfyUI#14477). Adds keys to core's map; never changes the ones core makes."""
+    import comfy.lora
+    import comfy.model_base
+
+    from ..models.lora import core_key_map
+
+    original = comfy.lora.model_lora_keys_unet
+    if getattr(original, "ideogram4_keys", False):
+        return
+
+    def model_lora_keys_unet(model, key_map=None):
+        key_map = original(model, {} if key_map is None else key_map)
+        if isinstance(model, comfy.model_base.Ideogram4):
+            network = model.diffusion_model
+            names = [name for name, module in network.named_modules()
+                     if hasattr(module, "in_features") and hasattr(module, "out_features")]
+            rows = int(network.layers[0].attention.qkv.out_features) // 3 if len(network.layers) else 0
+            for key, target in core_key_map(names, rows).items():
+                key_map.setdefault(key, target)
+        return key_map
+
+    model_lora_keys_unet.ideogram4_keys = True
+    comfy.lora.model_lora_keys_unet = model_lora_keys_unet
 
 
 def model_files(key: str) -> list[str]:

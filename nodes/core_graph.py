@@ -17,7 +17,13 @@ from comfy_api.latest import io
 
 from ..errors import SamplingError
 from ..models.latents import core_layout_latent, tokens_to_core_layout
-from ..sampler.flow import MAX_SIDE, MIN_SIDE, PIXELS_PER_TOKEN, initial_noise, token_grid
+from ..sampler.flow import (
+    MAX_SIDE,
+    MIN_SIDE,
+    PIXELS_PER_TOKEN,
+    initial_noise,
+    token_grid,
+)
 from ..sampler.presets import PRESETS, TERMINALS
 from ..sampler.schedule import guidance_schedule, official_sigmas
 from . import comfy_adapter as comfy

@@ -10,6 +10,7 @@ from ..sampler.presets import PRESETS, TERMINALS, sampler_settings
 from . import comfy_adapter as comfy
 from .types import CATEGORY, Ideogram4Conditioning, Ideogram4Model
 
+
 class IG4Sampler(io.ComfyNode):
     @classmethod
     def define_schema(cls):

@@ -64,3 +64,30 @@ def demo_models(tmp_path_factory):
     from ideogram4_gguf.demo import build_demo_models
 
     return build_demo_models(tmp_path_factory.mktemp("models"), log=lambda *a: None)
+
+
+def write_lora_for(branch, path, rank=4, alpha=3.0, prefix="diffusion_model.", seed=0, scale=0.5):
+    """An ai-toolkit-style LoRA (lora_down / lora_up / alpha) on every Linear of a loaded DiT branch."""
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, module in branch.named_modules():
+        if name and hasattr(module, "in_features") and hasattr(module, "out_features"):
+            tensors[f"{prefix}{name}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=g) / (
+                module.in_features ** 0.5)
+            tensors[f"{prefix}{name}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=g) * scale
+            tensors[f"{prefix}{name}.alpha"] = torch.tensor(float(alpha))
+    save_file(tensors, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_lora(demo_models, tmp_path_factory):
+    """A tiny LoRA for the demo DiT's conditional branch (models/loras layout: a file name, in its own folder)."""
+    from ideogram4_gguf.models.dit_loader import load_dit_branches
+
+    cond, _, _ = load_dit_branches(demo_models.dit)
+    folder = tmp_path_factory.mktemp("loras")
+    return write_lora_for(cond, folder / "ideogram4-tiny-demo-lora.safetensors")

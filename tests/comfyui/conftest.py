@@ -34,7 +34,7 @@ def unavailable(reason: str):
 
 
 @pytest.fixture(scope="session")
-def comfy(tmp_path_factory, demo_models):
+def comfy(tmp_path_factory, demo_models, demo_lora):
     if not COMFYUI_DIR:
         unavailable("real-ComfyUI tests: set COMFYUI_DIR to a ComfyUI >= 0.25 checkout (and COMFYUI_PYTHON to the "
                     "Python that runs it), or run `make test-comfyui`")
@@ -48,7 +48,7 @@ def comfy(tmp_path_factory, demo_models):
     (base / "custom_nodes" / PACK).symlink_to(ROOT, target_is_directory=True)
     (base / "custom_nodes" / PROBE_PACK).symlink_to(ROOT / "tests" / "comfyui" / "probe_pack",
                                                     target_is_directory=True)
-    for folder, path in tiny_files(demo_models, paths=True).items():
+    for folder, path in tiny_files(demo_models, paths=True, lora=demo_lora).items():
         (base / "models" / folder).mkdir(parents=True)
         (base / "models" / folder / path.name).symlink_to(path)
     server = ComfyServer(COMFYUI_DIR, comfy_python(), base, ["--preview-method", "latent2rgb"])

@@ -11,9 +11,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from ideogram4_gguf.models.latents import flux2_to_token_order
+from safetensors.torch import load_file
 
 from .harness import probe, run, run_ok, status_messages, tiny_files, wait_for
 
@@ -72,7 +71,6 @@ def write_cond_branch(two_branch, path):
     """The conditional branch of a two-branch GGUF as a stable-diffusion.cpp-style file: bare names, no metadata."""
     from gguf import GGMLQuantizationType as Q
     from gguf_files import write_gguf
-
     from ideogram4_gguf.ops import open_gguf
 
     prefix = "conditional_transformer."

@@ -13,7 +13,7 @@ import pytest
 from ideogram4_gguf.nodes import NODES
 from PIL import Image
 
-from ..workflows.tiny_run import MODEL_FILE_INPUTS, for_tiny_models
+from ..workflows.tiny_run import LORA_INPUTS, MODEL_FILE_INPUTS, for_tiny_models
 from ..workflows.ui_to_api import convert
 from .harness import (
     API_COPY,
@@ -37,11 +37,11 @@ def test_pack_imports_without_errors(comfy):
     assert not problems, "\n".join(problems)
 
 
-def test_object_info_lists_the_nodes_as_their_schemas_say(object_info, demo_models):
+def test_object_info_lists_the_nodes_as_their_schemas_say(object_info, demo_models, demo_lora):
     """Each node as ComfyUI reports it equals what the comfy_api stand-in records from the same define_schema
     (so the offline workflow checks in tests/workflows hold in ComfyUI too); model dropdowns list the folders."""
     listed = {"diffusion_models": [demo_models.dit.name], "text_encoders": [demo_models.text_encoder.name],
-              "vae": [demo_models.vae.name]}
+              "vae": [demo_models.vae.name], "loras": [demo_lora.name]}
     for node in NODES:
         schema = node.define_schema()
         expected, real = schema.object_info(), object_info.get(schema.node_id)
@@ -54,7 +54,7 @@ def test_object_info_lists_the_nodes_as_their_schemas_say(object_info, demo_mode
             for name, (kind, options) in expected["input"].get(section, {}).items():
                 real_kind, real_options = real["input"][section][name]
                 assert real_kind == kind, f"{schema.node_id}.{name}"
-                folder = MODEL_FILE_INPUTS.get((schema.node_id, name))
+                folder = {**MODEL_FILE_INPUTS, **LORA_INPUTS}.get((schema.node_id, name))
                 if folder is not None:
                     choices = [o for o in real_options["options"] if o not in options["options"]]
                     assert choices == listed[folder], f"{schema.node_id}.{name}"
@@ -72,11 +72,12 @@ def test_workflow_templates_are_served(comfy):
 
 
 @pytest.mark.parametrize("name", SHIPPED + [API_COPY])
-def test_shipped_workflow_runs(comfy, object_info, demo_models, name):
+def test_shipped_workflow_runs(comfy, object_info, demo_models, demo_lora, name):
     workflow = load(name)
     prompt = workflow if name == API_COPY else convert(workflow, object_info)
     # A seed per workflow: ComfyUI would otherwise serve an identical prompt from its cache without running it.
-    prompt = for_tiny_models(prompt, tiny_files(demo_models), seed=1000 + (SHIPPED + [API_COPY]).index(name))
+    prompt = for_tiny_models(prompt, tiny_files(demo_models, lora=demo_lora),
+                             seed=1000 + (SHIPPED + [API_COPY]).index(name))
     history, events, binary = run(comfy, prompt)
     assert history["status"]["status_str"] == "success" and history["status"]["completed"], history["status"]
     classes = {entry["class_type"] for entry in prompt.values()}

@@ -173,3 +173,30 @@ def test_latent_to_core_flux2_round_trip(demo_models, model, conditioning, tmp_p
         run(IG4LatentToFlux2, latent=latent, vae_name=str(demo_models.vae))
     with pytest.raises(LatentFormatError, match="not from Ideogram4 Sampler"):
         run(IG4LatentToFlux2, latent=core, vae_name=str(vae_with_stats))
+
+
+def test_lora_node_chains_and_reports(demo_models, demo_lora, model, tmp_path):
+    from ideogram4_gguf.nodes.lora import IG4LoraLoader
+
+    from ..conftest import write_lora_for
+
+    first = run(IG4LoraLoader, model=model, lora_name=str(demo_lora), strength=0.8, branch="auto")
+    with_lora = first.args[0]
+    assert "LoRA tensors matched" in first.ui.text and "on cond" in first.ui.text
+    assert model.loras == () and [(a.branch, a.strength) for a in with_lora.loras] == [("cond", 0.8)]
+    uncond_file = write_lora_for(model.uncond_branch, tmp_path / "uncond_style.safetensors", seed=3)
+    second = run(IG4LoraLoader, model=with_lora, lora_name=str(uncond_file), strength=-0.5, branch="auto")
+    assert [a.branch for a in second.args[0].loras] == ["cond", "uncond"]  # "uncond" in the file name
+    assert "file name" in second.ui.text
+    both = run(IG4LoraLoader, model=model, lora_name=str(demo_lora), strength=1.0, branch="both")
+    assert [a.branch for a in both.args[0].loras] == ["cond", "uncond"]
+    assert IG4LoraLoader.validate_inputs(strength=float("nan")) != True  # noqa: E712
+    with pytest.raises(ModelFileError, match="not found"):
+        run(IG4LoraLoader, model=model, lora_name=str(tmp_path / "missing.safetensors"))
+
+
+def test_core_conditioning_output(demo_models):
+    output = run(IG4TextEncode, text_encoder=str(demo_models.text_encoder), prompt=minify(DEMO_PROMPT))
+    ours, core = output.args
+    [[taps, extra]] = core
+    assert taps.shape == (1, ours.token_count, 13 * 64) and torch.equal(taps[0], ours.text_taps) and extra == {}

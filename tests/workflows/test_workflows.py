@@ -20,14 +20,15 @@ import ideogram4_gguf
 from ideogram4_gguf.nodes import NODES
 from ideogram4_gguf.prompts.caption import canonicalize, minify, validate_caption
 
-from .tiny_run import MODEL_FILE_INPUTS, NO_FILE, for_tiny_models, run_prompt
+from .tiny_run import LORA_INPUTS, MODEL_FILE_INPUTS, NO_FILE, for_tiny_models, run_prompt
 from .ui_to_api import (CONTROL_VALUES, CORE_NODES, UI_ONLY, convert, is_widget, kept_nodes, ordered_inputs,
                         pack_object_info, widget_slots, widget_values)
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = ROOT / "workflows"
 # Workflows sampling with the pack's own Ideogram4 Sampler, and the core-graph one (core MODELs, SamplerCustomAdvanced).
-SAMPLER_WORKFLOWS = ["ideogram4_q4k_text_to_image", "ideogram4_q4k_json_prompt", "ideogram4_q4k_low_vram"]
+SAMPLER_WORKFLOWS = ["ideogram4_q4k_text_to_image", "ideogram4_q4k_json_prompt", "ideogram4_q4k_low_vram",
+                     "ideogram4_q4k_lora"]
 CORE_GRAPH = "ideogram4_q4k_core_graph"
 SHIPPED = SAMPLER_WORKFLOWS + [CORE_GRAPH]
 # API-format copies (for scripting) -> the UI workflow they are the conversion of. In a subfolder, so ComfyUI's
@@ -44,6 +45,9 @@ SETTINGS = {
     "ideogram4_q4k_low_vram": {("IG4ModelLoader", "memory_mode"): "stream_uncond",
                                ("IG4TextEncode", "text_encoder"): "Qwen3-VL-8B-Instruct-Q4_K_M.gguf",
                                ("IG4VAEDecode", "tiled"): "auto"},
+    "ideogram4_q4k_lora": {("IG4ModelLoader", "memory_mode"): "auto",
+                           ("IG4TextEncode", "text_encoder"): "qwen3vl_8b_fp8_scaled.safetensors",
+                           ("IG4LoraLoader", "strength"): 1.0, ("IG4LoraLoader", "branch"): "auto"},
     CORE_GRAPH: {("IG4CoreModelLoader", "dit_name"): "ideogram4-q4_k.gguf",
                  ("IG4CoreModelLoader", "compute_dtype"): "auto",
                  ("IG4TextEncode", "text_encoder"): "qwen3vl_8b_fp8_scaled.safetensors",
@@ -143,7 +147,9 @@ def test_sockets_and_widgets_follow_the_schemas(workflow, object_info):
 def check_widget_value(node, name, spec, value):
     where = f"node {node['id']} {node['type']}.{name} = {value!r}"
     kind, options = spec[0], spec[1] if len(spec) > 1 else {}
-    if (node["type"], name) in MODEL_FILE_INPUTS and value != NO_FILE:
+    if (node["type"], name) in LORA_INPUTS:
+        assert isinstance(value, str) and value.endswith(".safetensors"), where
+    elif (node["type"], name) in MODEL_FILE_INPUTS and value != NO_FILE:
         listed = {(m["name"], m["directory"]) for m in node["properties"].get("models", [])}
         assert (value, MODEL_FILE_INPUTS[node["type"], name]) in listed, f"{where}: not in properties.models"
     elif kind == "COMBO":
@@ -282,10 +288,11 @@ def test_api_copy_is_the_conversion_of_the_ui_workflow(copy_name, object_info):
 
 
 @pytest.mark.parametrize("name", SAMPLER_WORKFLOWS)
-def test_workflow_runs_on_the_tiny_models(name, object_info, demo_models, tmp_path):
+def test_workflow_runs_on_the_tiny_models(name, object_info, demo_models, demo_lora, tmp_path):
     """The pack's nodes outside ComfyUI (the core-graph workflow needs core's sampler: tests/comfyui runs it)."""
     wf = load(name)
-    files = {"diffusion_models": demo_models.dit, "text_encoders": demo_models.text_encoder, "vae": demo_models.vae}
+    files = {"diffusion_models": demo_models.dit, "text_encoders": demo_models.text_encoder, "vae": demo_models.vae,
+             "loras": demo_lora}
     prompt = for_tiny_models(convert(wf, object_info), {k: str(v) for k, v in files.items()})
     outputs, saved = run_prompt(prompt, tmp_path)
     assert len(saved) == 1

@@ -23,6 +23,8 @@ MODEL_FILE_INPUTS = {("IG4ModelLoader", "dit_name"): "diffusion_models",
                      ("IG4VAEDecode", "vae_name"): "vae",
                      ("IG4LatentToFlux2", "vae_name"): "vae"}
 NO_FILE = "(none)"
+# LoRA dropdowns: user files (no download link), so not in MODEL_FILE_INPUTS; tiny runs swap in a test LoRA.
+LORA_INPUTS = {("IG4LoraLoader", "lora_name"): "loras"}
 
 
 def for_tiny_models(prompt: dict, files: dict[str, str], size=256, preset="turbo", steps=2, seed=None) -> dict:
@@ -32,7 +34,7 @@ def for_tiny_models(prompt: dict, files: dict[str, str], size=256, preset="turbo
     prompt = copy.deepcopy(prompt)
     for entry in prompt.values():
         inputs = entry["inputs"]
-        for (kind, name), folder in MODEL_FILE_INPUTS.items():
+        for (kind, name), folder in {**MODEL_FILE_INPUTS, **LORA_INPUTS}.items():
             if entry["class_type"] == kind and inputs.get(name, NO_FILE) != NO_FILE:
                 inputs[name] = files[folder]
         if entry["class_type"] == "IG4Sampler":
