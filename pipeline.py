@@ -162,15 +162,18 @@ class Ideogram4Model:
 
 
 def load_model(path, uncond_path=None, *, compute_dtype="auto", kernel="auto", memory_mode="auto",
-               device=None) -> Ideogram4Model:
+               device=None, branch_prefixes=None) -> Ideogram4Model:
     """Load both DiT branches from a two-branch file (or a cond file + `uncond_path`); see docs/dit.md.
 
-    memory_mode: one of MEMORY_MODES ("auto", "gpu", "stream_uncond", "cpu_offload"; docs/memory.md)."""
+    memory_mode: one of MEMORY_MODES ("auto", "gpu", "stream_uncond", "cpu_offload"; docs/memory.md).
+    branch_prefixes: (cond_prefix, uncond_prefix) for a two-branch file whose tensor prefixes do not say which
+    branch is which (docs/dit.md, "Which prefix is which branch")."""
     if memory_mode not in MEMORY_MODES:
         raise ValueError(f"memory_mode must be one of {MEMORY_MODES}, got {memory_mode!r}")
     device = resolve_device(device)
     dtype = resolve_dtype(compute_dtype, device)
-    cond, uncond, info = load_dit_branches(path, uncond_path, compute_dtype=dtype, device="cpu", kernel=kernel)
+    cond, uncond, info = load_dit_branches(path, uncond_path, compute_dtype=dtype, device="cpu", kernel=kernel,
+                                           branch_prefixes=branch_prefixes)
     model = Ideogram4Model(cond, uncond, info, device, memory_mode)
     logger.info("Ideogram 4 DiT: %s", model.summary())
     return model

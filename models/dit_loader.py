@@ -1,22 +1,33 @@
 """Load the two Ideogram 4 DiT branches from any supported file layout.
 
-- a two-branch GGUF (our quant_tools output, Transformer Lab's file): prefixes `conditional_transformer.` /
-  `unconditional_transformer.`, `transformer.` / `unconditional_transformer.` or `cond.` / `uncond.`;
+- a two-branch GGUF (our quant_tools output, Transformer Lab's file): two tensor-name prefixes, one per branch,
+  e.g. `conditional_transformer.` / `unconditional_transformer.`, `transformer.` / `unconditional_transformer.`,
+  `cond.` / `uncond.`, in any order or nesting (see "Which prefix is which branch" below);
 - a pair of single-branch GGUFs (stable-diffusion.cpp / ComfyUI-GGUF style): bare official names, no metadata;
 - the official fp8 folder: `transformer/` + `unconditional_transformer/`, single or sharded safetensors, fp8 with a
   per-row `weight_scale`;
 - ComfyUI single files (`ideogram4_fp8_scaled` + `ideogram4_unconditional_fp8_scaled`), optionally prefixed
-  `model.diffusion_model.`;
+  `model.diffusion_model.` (any single prefix ending in "." is accepted);
 - bf16 diffusers releases with split `attention.to_q/to_k/to_v` and `attention.to_out.0` names.
 
 The model is recognised by its tensors (`embed_image_indicator.weight`), never by metadata alone; the config comes
 from the tensor shapes, completed by `ideogram4.*` GGUF metadata or a diffusers `config.json` for the two RoPE
-settings that no shape reveals.
+settings that no shape reveals. Every value read from a file is checked (type, range, shape against the model it
+describes) before anything is built, and every failure is one `ModelFileError` line naming the file.
+
+Which prefix is which branch (in this order): an explicit `branch_prefixes=(cond_prefix, uncond_prefix)`; the
+file's `ideogram4.branches` + `ideogram4.branch_prefixes` metadata (our quant_tools writes them); else, with exactly
+two prefixes, the one whose name says unconditional (`uncond`, `unconditional`, `negative`, any case) is the
+unconditional branch. The Transformer Lab file's exact spelling is not documented anywhere we can read (docs/dit.md),
+hence a rule rather than a list.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
+import numbers
 import os
 import re
 from collections import Counter
@@ -25,17 +36,26 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelFileError
+from ..errors import ModelFileError, quote
 from ..ops import FP8_STORAGE, StateDictSource, WeightSource, open_weights
 from .dit import ARCH_TENSOR, Ideogram4Config, Ideogram4DiT, default_compute_dtype
 
-# (conditional, unconditional) prefixes accepted inside one file, in the order they are tried.
+logger = logging.getLogger(__name__)
+
+# (conditional, unconditional) prefixes of the two-branch files we know of; each satisfies the naming rule below
+# (tests/models/test_dit_loader.py loads every one).
 BRANCH_PREFIX_PAIRS = (
     ("conditional_transformer.", "unconditional_transformer."),
     ("transformer.", "unconditional_transformer."),
     ("cond.", "uncond."),
 )
-# Prefixes of a file that holds a single branch: bare names, or a ComfyUI checkpoint prefix.
+# A prefix naming the unconditional branch contains one of these (case-insensitive; "unconditional" contains
+# "uncond").
+UNCOND_MARKERS = ("uncond", "negative")
+# `ideogram4.branches` role names (quant_tools/build.py writes them, in file order).
+BRANCH_ROLES = ("conditional", "unconditional")
+# Prefixes of a file that holds a single branch: bare names, a ComfyUI checkpoint prefix, or any other single
+# prefix ending in "." under which the full tensor set sits.
 SINGLE_BRANCH_PREFIXES = ("", "model.diffusion_model.")
 # The official diffusers-style release folder.
 BRANCH_FOLDERS = ("transformer", "unconditional_transformer")
@@ -52,10 +72,15 @@ OTHER_MODELS = (
 
 # `ideogram4.<field>` GGUF metadata (our quant_tools) and diffusers `config.json` keys -> config fields.
 DIFFUSERS_CONFIG_KEYS = {"rope_theta": "rope_theta", "mrope_section": "mrope_section", "norm_eps": "norm_eps"}
+# Config fields that are sizes, and their bound: no DiT dimension comes near it (the largest published one is the
+# 53248 text features, docs/spec.md §2.1), and nothing bigger can be built.
+SIZE_FIELDS = ("hidden_size", "num_layers", "num_heads", "head_dim", "intermediate_size", "adaln_dim", "in_channels",
+               "llm_features_dim")
+MAX_SIZE = 1 << 20
 
 _SPLIT_QKV = re.compile(r"^(layers\.\d+\.attention\.)to_([qkv])\.weight$")
 _SPLIT_OUT = re.compile(r"^(layers\.\d+\.attention\.)to_out\.0\.(weight)$")
-_LAYER_INDEX = re.compile(r"^layers\.(\d+)\.")
+_LAYER_INDEX = re.compile(r"^layers\.(\d{1,6})\.")  # a longer index is no layer (int() refuses 4300+ digits)
 
 
 @dataclass
@@ -87,6 +112,7 @@ def load_dit_branches(
     device="cpu",
     config_overrides: dict | None = None,
     kernel: str = "auto",
+    branch_prefixes: tuple[str, str] | None = None,
 ) -> tuple[Ideogram4DiT, Ideogram4DiT, DiTLoadInfo]:
     """(cond_branch, uncond_branch, info) from one two-branch file/folder, or from a cond file plus `uncond_path`.
 
@@ -94,10 +120,12 @@ def load_dit_branches(
     weights stay packed in their Linear layers; load on the CPU and `.to(device)` later moves the packed bytes.
     config_overrides: config fields to force (e.g. `mrope_section` for a non-standard model without metadata).
     kernel: dequant kernel of the quantized Linears ("auto": fused Triton on CUDA where it has one, else torch).
+    branch_prefixes: (cond_prefix, uncond_prefix) of the tensor names, for a two-branch file whose prefixes do not
+    say which branch is which (for a pair of files: the prefix inside each file).
     """
     device = torch.device(device)
     compute_dtype = compute_dtype or default_compute_dtype(device)
-    branches = find_dit_branches(path, uncond_path, config_overrides=config_overrides)
+    branches = find_dit_branches(path, uncond_path, config_overrides=config_overrides, branch_prefixes=branch_prefixes)
     build = dict(compute_dtype=compute_dtype, device=device, kernel=kernel)
     cond = Ideogram4DiT.from_weights(branches.config, branches.cond, with_text=True, **build)
     uncond = Ideogram4DiT.from_weights(branches.config, branches.uncond, with_text=False, **build)
@@ -128,13 +156,16 @@ class DiTBranches:
         )
 
 
-def find_dit_branches(path, uncond_path=None, *, config_overrides: dict | None = None) -> DiTBranches:
+def find_dit_branches(path, uncond_path=None, *, config_overrides: dict | None = None,
+                      branch_prefixes: tuple[str, str] | None = None) -> DiTBranches:
     """Find the two branches in one two-branch file/folder, or a cond file plus `uncond_path`, and read their
     config from the tensor shapes (see `load_dit_branches`); a clear ModelFileError for anything else."""
-    branches = _find_branches(path, uncond_path)
-    config = _config_from_weights(branches.cond, branches.hints, config_overrides, branches.cond_label)
+    branch_prefixes = _checked_prefix_option(branch_prefixes)
+    overrides = _checked_overrides(config_overrides)
+    branches = _find_branches(path, uncond_path, branch_prefixes)
+    config = _config_from_weights(branches.cond, branches.hints, overrides, branches.cond_label)
     uncond_config = _config_from_weights(
-        branches.uncond, branches.hints, {**(config_overrides or {}), "llm_features_dim": config.llm_features_dim},
+        branches.uncond, branches.hints, {**overrides, "llm_features_dim": config.llm_features_dim},
         branches.uncond_label, with_text=False,
     )
     if uncond_config != config:
@@ -146,6 +177,16 @@ def find_dit_branches(path, uncond_path=None, *, config_overrides: dict | None =
         )
     return DiTBranches(branches.cond, branches.uncond, config, branches.layout, branches.files, branches.prefixes,
                        branches.cond_label, branches.uncond_label)
+
+
+def _checked_prefix_option(branch_prefixes):
+    if branch_prefixes is None:
+        return None
+    if (not isinstance(branch_prefixes, (tuple, list)) or len(branch_prefixes) != 2
+            or not all(isinstance(p, str) for p in branch_prefixes) or branch_prefixes[0] == branch_prefixes[1]):
+        raise ModelFileError(f"branch_prefixes must be two different strings (cond_prefix, uncond_prefix), e.g. "
+                             f"('transformer.', 'unconditional_transformer.'); got {quote(branch_prefixes)}.")
+    return tuple(branch_prefixes)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -164,8 +205,9 @@ class _Branches:
     hints: dict
 
 
-def _find_branches(path, uncond_path) -> _Branches:
+def _find_branches(path, uncond_path, branch_prefixes) -> _Branches:
     path = Path(os.fspath(path))
+    given = branch_prefixes or (None, None)
     if path.is_dir() and all((path / name).is_dir() for name in BRANCH_FOLDERS):
         if uncond_path is not None:
             raise ModelFileError(
@@ -173,44 +215,56 @@ def _find_branches(path, uncond_path) -> _Branches:
                 "unconditional file."
             )
         cond_dir, uncond_dir = (path / name for name in BRANCH_FOLDERS)
-        cond, cond_prefix = _single_branch(open_weights(cond_dir), str(cond_dir), "conditional")
-        uncond, uncond_prefix = _single_branch(open_weights(uncond_dir), str(uncond_dir), "unconditional")
+        cond, cond_prefix = _single_branch(open_weights(cond_dir), str(cond_dir), "conditional", prefix=given[0])
+        uncond, uncond_prefix = _single_branch(open_weights(uncond_dir), str(uncond_dir), "unconditional",
+                                               prefix=given[1])
         hints = _folder_config(cond_dir)
         return _Branches(cond, uncond, "official folder", [str(cond_dir), str(uncond_dir)],
                          (cond_prefix, uncond_prefix), str(cond_dir), str(uncond_dir), hints)
 
     source = open_weights(path)
-    hints = {**_metadata_config(source), **(_folder_config(path) if path.is_dir() else {})}
+    hints = {**_metadata_config(source, str(path)), **(_folder_config(path) if path.is_dir() else {})}
     prefixes = _branch_prefixes(source, str(path))
-    pair = next((p for p in BRANCH_PREFIX_PAIRS if set(p) == prefixes), None)
+    pair = None if uncond_path is not None and branch_prefixes is not None else \
+        _two_branch_prefixes(source, str(path), prefixes, branch_prefixes)
     if pair is not None:
         if uncond_path is not None:
             raise ModelFileError(
-                f"{path} already holds both branches ({pair[0]}* and {pair[1]}*); do not pass a separate "
-                "unconditional file."
+                f"{path} already holds both branches ({quote(pair[0])}* and {quote(pair[1])}*); do not pass a "
+                "separate unconditional file."
             )
         label = f"{path} [{{}}*]"
         return _Branches(_official_names(source.with_prefix(pair[0])), _official_names(source.with_prefix(pair[1])),
                          "two-branch file", [str(path)], pair, label.format(pair[0]), label.format(pair[1]), hints)
 
-    cond, cond_prefix = _single_branch(source, str(path), "conditional", prefixes)
+    cond, cond_prefix = _single_branch(source, str(path), "conditional", prefixes, given[0])
     if uncond_path is None:
         raise ModelFileError(
-            f"{path} holds a single DiT branch (found {ARCH_TENSOR} once, prefix {cond_prefix or 'none'!r}). "
+            f"{path} holds a single DiT branch (found {ARCH_TENSOR} once, prefix {quote(cond_prefix or 'none')}). "
             "Ideogram 4 needs both branches: pass the unconditional file as well (e.g. "
             "`ideogram4_unconditional_...`), or use a two-branch GGUF."
         )
     uncond_source = open_weights(uncond_path)
-    uncond, uncond_prefix = _single_branch(uncond_source, str(uncond_path), "unconditional")
-    hints = {**_metadata_config(uncond_source), **hints}
+    uncond, uncond_prefix = _single_branch(uncond_source, str(uncond_path), "unconditional", prefix=given[1])
+    hints = {**_metadata_config(uncond_source, str(uncond_path)), **hints}
+    roles = (_metadata_role(source), _metadata_role(uncond_source))
+    if roles == ("unconditional", "conditional"):
+        # Our quant_tools names the branch of a single-branch file (`ideogram4.branches`); both files agreeing
+        # that they were passed the wrong way round is no accident.
+        logger.warning("%s is the unconditional branch and %s the conditional one (their ideogram4.branches "
+                       "metadata says so); using them that way round.", path, uncond_path)
+        path, uncond_path = Path(os.fspath(uncond_path)), path
+        cond, uncond, cond_prefix, uncond_prefix = uncond, cond, uncond_prefix, cond_prefix
     return _Branches(cond, uncond, "pair of single-branch files", [str(path), str(uncond_path)],
                      (cond_prefix, uncond_prefix), str(path), str(uncond_path), hints)
 
 
 def _branch_prefixes(source, label: str) -> set[str]:
-    """Prefixes p such that `p + embed_image_indicator.weight` exists; a clear error when there is none."""
+    """Prefixes p ("" or ending in ".") such that `p + embed_image_indicator.weight` exists; a clear error when
+    there is none."""
     keys = list(source.keys())
     prefixes = {k[: -len(ARCH_TENSOR)] for k in keys if k.endswith(ARCH_TENSOR)}
+    prefixes = {p for p in prefixes if p == "" or p.endswith(".")}
     if not prefixes:
         raise ModelFileError(
             f"{label} is not an Ideogram 4 DiT: it has no {ARCH_TENSOR} among its {len(keys)} tensors "
@@ -219,29 +273,103 @@ def _branch_prefixes(source, label: str) -> set[str]:
     return prefixes
 
 
-def _single_branch(source, label: str, role: str, prefixes: set[str] | None = None):
+def _names_uncond(prefix: str) -> bool:
+    return any(marker in prefix.lower() for marker in UNCOND_MARKERS)
+
+
+def _two_branch_prefixes(source, label: str, found: set[str], given) -> tuple[str, str] | None:
+    """(cond prefix, uncond prefix) of a two-branch file, or None when the file holds one branch. Logs which prefix
+    became which branch and why; a ModelFileError saying what was found when it cannot tell."""
+    if given is not None:
+        missing = [p for p in given if p not in found]
+        if missing:
+            raise ModelFileError(
+                f"{label}: branch_prefixes {quote(given)} do not match this file: no {ARCH_TENSOR} under "
+                f"{', '.join(quote(p) for p in missing)}. It has DiT tensors under {_listed(found)}.")
+        pair, how = given, "as given by branch_prefixes"
+    else:
+        pair, how = _metadata_prefixes(source, label, found), "from its ideogram4.branch_prefixes metadata"
+        if pair is None and len(found) == 2:
+            marked = [p for p in found if _names_uncond(p)]
+            if len(marked) == 1:
+                pair, how = (next(p for p in found if p != marked[0]), marked[0]), "from the prefix names"
+        if pair is None:
+            if len(found) == 1:
+                return None
+            raise ModelFileError(
+                f"{label}: found Ideogram 4 DiT tensors under the prefixes {_listed(found)} and cannot tell which is "
+                "the conditional branch. Accepted without help: two prefixes of which exactly one names the "
+                "unconditional branch (uncond, unconditional, negative), e.g. 'conditional_transformer.' + "
+                "'unconditional_transformer.'. Otherwise say which is which with the branch prefixes option "
+                "(branch_prefixes=(cond_prefix, uncond_prefix)).")
+    logger.info("%s: conditional branch = %s*, unconditional branch = %s* (%s)", label, quote(pair[0]),
+                quote(pair[1]), how)
+    return pair
+
+
+def _metadata_prefixes(source, label: str, found: set[str]) -> tuple[str, str] | None:
+    """(cond, uncond) prefixes named by `ideogram4.branches` + `ideogram4.branch_prefixes`, when both are present
+    and fit the file; metadata that does not fit is logged and ignored (the names still decide)."""
+    metadata = getattr(source, "metadata", None) or {}
+    roles, prefixes = metadata.get("ideogram4.branches"), metadata.get("ideogram4.branch_prefixes")
+    if prefixes is None:
+        return None
+    if not (_is_str_list(roles) and _is_str_list(prefixes) and len(roles) == len(prefixes) == 2
+            and sorted(roles) == sorted(BRANCH_ROLES)):
+        problem = f"ideogram4.branches = {quote(roles)}, ideogram4.branch_prefixes = {quote(prefixes)}"
+    elif not set(prefixes) <= found:
+        problem = f"no {ARCH_TENSOR} under {', '.join(quote(p) for p in prefixes if p not in found)}"
+    else:
+        named = dict(zip(roles, prefixes))
+        return named["conditional"], named["unconditional"]
+    logger.warning("%s: ignoring its branch metadata (%s); telling the branches apart by their prefixes.", label,
+                   problem)
+    return None
+
+
+def _metadata_role(source) -> str | None:
+    """"conditional" / "unconditional" for a single-branch file whose `ideogram4.branches` says so."""
+    roles = (getattr(source, "metadata", None) or {}).get("ideogram4.branches")
+    return roles[0] if _is_str_list(roles) and len(roles) == 1 and roles[0] in BRANCH_ROLES else None
+
+
+def _is_str_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _listed(prefixes) -> str:
+    shown = sorted(prefixes)
+    text = ", ".join(quote(p, 60) for p in shown[:6])
+    return text + (f" and {len(shown) - 6} more" if len(shown) > 6 else "")
+
+
+def _single_branch(source, label: str, role: str, prefixes: set[str] | None = None, prefix: str | None = None):
     prefixes = prefixes if prefixes is not None else _branch_prefixes(source, label)
-    if len(prefixes) == 1 and next(iter(prefixes)) in SINGLE_BRANCH_PREFIXES:
+    if prefix is not None and prefix not in prefixes:
+        raise ModelFileError(f"{label}: the {role} branch prefix {quote(prefix)} given in branch_prefixes does not "
+                             f"match this file: it has DiT tensors under {_listed(prefixes)}.")
+    if prefix is None and len(prefixes) == 1:
         prefix = next(iter(prefixes))
+    if prefix is not None:
+        if prefix not in SINGLE_BRANCH_PREFIXES:
+            logger.info("%s: %s branch under the prefix %s*", label, role, quote(prefix))
         return _official_names(source.with_prefix(prefix) if prefix else source), prefix
-    found = ", ".join(repr(p) for p in sorted(prefixes))
-    accepted = "; ".join(f"{c!r} + {u!r}" for c, u in BRANCH_PREFIX_PAIRS)
     if len(prefixes) == 2 and role == "unconditional":
-        raise ModelFileError(f"{label} holds two DiT branches (prefixes {found}); as the unconditional file, pass a "
-                             "single-branch file, or pass this file alone.")
+        raise ModelFileError(f"{label} holds two DiT branches (prefixes {_listed(prefixes)}); as the unconditional "
+                             "file, pass a single-branch file, or pass this file alone.")
     raise ModelFileError(
-        f"{label}: found Ideogram 4 DiT tensors under the prefixes {found}, which is not a known layout. Accepted: "
-        f"two branches in one file as {accepted}; or one branch per file with bare names or "
-        "'model.diffusion_model.'."
+        f"{label}: found Ideogram 4 DiT tensors under the prefixes {_listed(prefixes)}, so it is not one "
+        f"{role} branch; say which prefix to use with the branch prefixes option (branch_prefixes), or pick a "
+        "file with one branch (bare names or one prefix such as 'model.diffusion_model.')."
     )
 
 
 def _what_it_looks_like(source, keys: list[str]) -> str:
-    arch = getattr(source, "metadata", {}).get("general.architecture")
+    arch = (getattr(source, "metadata", None) or {}).get("general.architecture")
     guesses = [what for fragment, what in OTHER_MODELS if any(fragment in k for k in keys)]
-    parts = [f"e.g. {', '.join(keys[:3])}" if keys else "the file is empty"]
+    parts = [f"e.g. {', '.join(quote(k, 60) for k in keys[:3])}" if keys else "the file is empty"]
     if arch:
-        parts.append(f"general.architecture = {arch!r}")
+        parts.append(f"general.architecture = {quote(arch)}")
     if guesses:
         parts.append(f"looks like {guesses[0]}")
     return "; ".join(parts)
@@ -281,7 +409,8 @@ class FusedAttentionWeights(WeightSource):
         for fused, parts in self._parts.items():
             parts.sort(key=lambda n: "qkv".index(_SPLIT_QKV.match(n).group(2)))
             if len(parts) != 3:
-                raise ModelFileError(f"{self.path}: {fused} needs to_q, to_k and to_v; found only {parts}.")
+                raise ModelFileError(f"{self.path}: {fused} needs to_q, to_k and to_v; found only "
+                                     f"{', '.join(quote(p) for p in parts)}.")
         self._names = names + list(self._parts)
 
     def keys(self):
@@ -330,10 +459,12 @@ StateDictWeights = StateDictSource
 # Config
 
 
-def _metadata_config(source) -> dict:
-    """`ideogram4.<field>` keys of our GGUFs (any field of Ideogram4Config)."""
+def _metadata_config(source, label: str) -> dict:
+    """`ideogram4.<field>` keys of our GGUFs (any field of Ideogram4Config): field -> (value, where it is from),
+    checked by `_config_from_weights` unless config_overrides replaces it."""
     metadata = getattr(source, "metadata", None) or {}
-    return {f: metadata[f"ideogram4.{f}"] for f in Ideogram4Config.field_names() if f"ideogram4.{f}" in metadata}
+    return {f: (metadata[f"ideogram4.{f}"], f"{label}: its metadata ideogram4.{f}")
+            for f in Ideogram4Config.field_names() if f"ideogram4.{f}" in metadata}
 
 
 def _folder_config(folder: Path) -> dict:
@@ -344,53 +475,131 @@ def _folder_config(folder: Path) -> dict:
     try:
         raw = json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
-        raise ModelFileError(f"{config_file}: unreadable config.json ({exc}). Download it again.") from exc
-    return {ours: raw[theirs] for theirs, ours in DIFFUSERS_CONFIG_KEYS.items() if theirs in raw}
+        raise ModelFileError(f"{config_file}: unreadable config.json ({quote(str(exc), 200)}). Download it "
+                             "again.") from exc
+    if not isinstance(raw, dict):
+        raise ModelFileError(f"{config_file}: expected a JSON object, found {type(raw).__name__}. Download it again.")
+    return {ours: (raw[theirs], f"{config_file}: {theirs}")
+            for theirs, ours in DIFFUSERS_CONFIG_KEYS.items() if theirs in raw}
 
 
-def _config_from_weights(source, hints: dict, overrides: dict | None, label: str, with_text: bool = True):
-    """Config from the tensor shapes; metadata / config.json fill in the RoPE settings and are cross-checked."""
+def _checked_overrides(overrides) -> dict:
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, dict):
+        raise ModelFileError(f"config_overrides must be a dict of Ideogram4Config fields, got {quote(overrides)}.")
+    unknown = [k for k in overrides if k not in Ideogram4Config.field_names()]
+    if unknown:
+        raise ModelFileError(f"config_overrides: unknown field(s) {', '.join(quote(k) for k in unknown)}; the "
+                             f"fields are {', '.join(Ideogram4Config.field_names())}.")
+    return {k: _config_value(k, v, f"config_overrides[{k!r}]") for k, v in overrides.items()}
+
+
+def _config_value(name: str, value, where: str):
+    """A config value from metadata, a config.json or the caller, in its Python type; a ModelFileError saying
+    `where` it came from, what it is and what it should be otherwise."""
+    def bad(expected):
+        advice = "" if where.startswith("config_overrides") else (
+            " The file's settings are damaged: download it again, or pass config_overrides with the right value.")
+        return ModelFileError(f"{where} is {quote(value)}; expected {expected}.{advice}")
+
+    def is_int(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+    def is_real(v):
+        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+    if name in SIZE_FIELDS:
+        if not is_int(value) or not 1 <= value <= MAX_SIZE:
+            raise bad(f"an integer from 1 to {MAX_SIZE}")
+        return int(value)
+    if name == "rope_theta":
+        if not is_real(value) or not value > 1:
+            raise bad("a finite number above 1 (the published model uses 5e6)")
+        return float(value)
+    if name == "norm_eps":
+        if not is_real(value) or not 0 < value < 1:
+            raise bad("a number between 0 and 1 (the published model uses 1e-5)")
+        return float(value)
+    if name == "mrope_section":
+        if (not isinstance(value, (list, tuple)) or len(value) != 3
+                or not all(is_int(v) and 0 <= v <= MAX_SIZE for v in value)):
+            raise bad("three non-negative integers (the published model uses (24, 20, 20))")
+        return tuple(int(v) for v in value)
+    raise ModelFileError(f"{where}: {quote(name)} is not an Ideogram 4 DiT setting.")
+
+
+# The tensors the sizes are read from, with their rank: (name, rank, with_text only).
+SHAPE_TENSORS = (("input_proj.weight", 2, False), ("adaln_proj.weight", 2, False),
+                 ("layers.0.attention.norm_q.weight", 1, False), ("layers.0.feed_forward.w1.weight", 2, False),
+                 ("llm_cond_norm.weight", 1, True))
+
+
+def _config_from_weights(source, hints: dict, overrides: dict, label: str, with_text: bool = True):
+    """Config from the tensor shapes; metadata / config.json fill in the RoPE settings and are cross-checked.
+    Then every tensor the model reads is checked against the shape this config gives it."""
     keys = set(source.keys())
-    required = ["input_proj.weight", "adaln_proj.weight", "layers.0.attention.norm_q.weight",
-                "layers.0.feed_forward.w1.weight"] + (["llm_cond_norm.weight"] if with_text else [])
+    required = [name for name, _, text_only in SHAPE_TENSORS if with_text or not text_only]
     missing = [name for name in required if name not in keys]
     if missing:
         raise ModelFileError(f"{label}: the Ideogram 4 DiT tensors {missing} are missing; the file is incomplete or "
                              "not an Ideogram 4 DiT.")
-    hidden, in_channels = source.shape("input_proj.weight")
-    head_dim = source.shape("layers.0.attention.norm_q.weight")[0]
+    shapes = {name: tuple(source.shape(name)) for name in required}
+    for name, rank, _ in SHAPE_TENSORS:
+        if name in shapes and (len(shapes[name]) != rank or 0 in shapes[name]):
+            raise ModelFileError(f"{label}: {name} has shape {shapes[name]}, expected {rank} non-zero dimension(s); "
+                                 "the file is corrupt or not an Ideogram 4 DiT.")
+    hidden, in_channels = shapes["input_proj.weight"]
+    head_dim = shapes["layers.0.attention.norm_q.weight"][0]
+    if hidden % head_dim:
+        raise ModelFileError(f"{label}: the attention norm width {head_dim} does not divide the hidden size {hidden}; "
+                             "the file is corrupt or not an Ideogram 4 DiT.")
     from_shapes = dict(
         hidden_size=hidden,
         in_channels=in_channels,
         num_layers=len({int(m.group(1)) for k in keys if (m := _LAYER_INDEX.match(k))}),
         head_dim=head_dim,
         num_heads=hidden // head_dim,
-        intermediate_size=source.shape("layers.0.feed_forward.w1.weight")[0],
-        adaln_dim=source.shape("adaln_proj.weight")[0],
+        intermediate_size=shapes["layers.0.feed_forward.w1.weight"][0],
+        adaln_dim=shapes["adaln_proj.weight"][0],
     )
     if with_text:
-        from_shapes["llm_features_dim"] = source.shape("llm_cond_norm.weight")[0]
+        from_shapes["llm_features_dim"] = shapes["llm_cond_norm.weight"][0]
+    for name, value in from_shapes.items():
+        if value > MAX_SIZE:
+            raise ModelFileError(f"{label}: the tensors give {name} = {value}, beyond any Ideogram 4 DiT (at most "
+                                 f"{MAX_SIZE}); the file is corrupt.")
+    hints = {name: _config_value(name, value, where) for name, (value, where) in hints.items()
+             if name not in overrides}
     for name, value in hints.items():
-        if name in from_shapes and int(value) != from_shapes[name]:
+        if name in from_shapes and value != from_shapes[name]:
             raise ModelFileError(f"{label}: the metadata says {name} = {value} but the tensors have "
                                  f"{from_shapes[name]}; the file is inconsistent.")
-    values = {**{k: v for k, v in hints.items() if k not in from_shapes}, **from_shapes, **(overrides or {})}
-    if "mrope_section" in values:
-        values["mrope_section"] = tuple(int(x) for x in values["mrope_section"])
-    if "rope_theta" in values:
-        values["rope_theta"] = float(values["rope_theta"])
+    values = {**{k: v for k, v in hints.items() if k not in from_shapes}, **from_shapes, **overrides}
     try:
         config = Ideogram4Config(**values)
     except ModelFileError as exc:
         raise ModelFileError(f"{label}: {exc} The file does not say its RoPE settings; pass config_overrides "
                              "(e.g. mrope_section) for a non-standard model.") from exc
 
-    expected = Ideogram4DiT.expected_tensor_names(config, with_text)
+    expected = _expected_shapes(config, with_text)
     absent = [name for name in expected if name not in keys]
     if absent:
         raise ModelFileError(f"{label}: {len(absent)} of the {len(expected)} Ideogram 4 DiT tensors are missing "
                              f"(e.g. {', '.join(absent[:4])}); the file is incomplete or a different model.")
+    wrong = [(name, tuple(source.shape(name)), shape) for name, shape in expected.items()
+             if tuple(source.shape(name)) != shape]
+    if wrong:
+        name, got, want = wrong[0]
+        raise ModelFileError(f"{label}: {len(wrong)} tensor(s) do not have the shape this model needs (e.g. {name} is "
+                             f"{got}, expected {want}); the file is corrupt or a different model.")
     return config
+
+
+def _expected_shapes(config: Ideogram4Config, with_text: bool) -> dict[str, tuple[int, ...]]:
+    """Official tensor name -> shape, from the model itself built on the meta device (no memory)."""
+    with torch.device("meta"):
+        return {name: tuple(p.shape) for name, p in Ideogram4DiT(config, with_text).named_parameters()}
 
 
 def _storage_counts(source, with_text: bool, config: Ideogram4Config) -> Counter:

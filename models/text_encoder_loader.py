@@ -10,13 +10,17 @@
 Every layout is mapped onto the names of transformers' `Qwen3VLTextModel` (prefix stripped) and read through
 `ops` (GGUF blocks stay packed in `QuantLinear`, fp8 stays fp8 in `Fp8Linear`). Vision tensors are never
 read. The sizes come from the tensor shapes; RoPE theta and the norm epsilon from GGUF metadata or a
-`config.json` beside the weights, else Qwen3-VL's values.
+`config.json` beside the weights, else Qwen3-VL's values. Every value read from the file is checked (type,
+range, and every tensor's shape against the model the sizes describe) before the encoder is built, and every
+failure is one `ModelFileError` line naming the file.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 import os
 import re
 from pathlib import Path
@@ -24,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ModelFileError
+from ..errors import ModelFileError, quote
 from ..ops import dequantize, open_weights
 from ..ops.weights import FP8_STORAGE, WeightSource
 from .text_encoder import Qwen3TextConfig, Qwen3TextEncoder
@@ -53,7 +57,12 @@ GGUF_BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
-_GGUF_BLOCK = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
+_GGUF_BLOCK = re.compile(r"blk\.(\d{1,6})\.(\w+)\.weight")  # a longer index is no layer of any model
+_LAYER_NAME = re.compile(r"layers\.(\d{1,6})\.(.+)")
+# Bounds of what the shapes and metadata may say: far beyond Qwen3-VL-8B (docs/spec.md §4.1), far below what
+# would fail to build.
+MAX_SIZE = 1 << 20
+MAX_LAYERS = 1024
 
 # Key prefixes of the text model in the safetensors layouts, most specific first.
 TEXT_PREFIXES = ("language_model.", "model.language_model.", "model.", "text_model.", "")
@@ -99,7 +108,7 @@ def _describe_wrong_file(source: WeightSource) -> str:
     for marker, what in _WRONG_FILES:
         if any(k == marker or k.endswith("." + marker) for k in keys):
             return f"it looks like {what}"
-    sample = ", ".join(sorted(keys)[:4]) or "no tensors"
+    sample = ", ".join(quote(k, 60) for k in sorted(keys)[:4]) or "no tensors"
     return f"found {len(keys)} tensors such as {sample}"
 
 
@@ -131,26 +140,56 @@ def _config_json_beside(path) -> dict:
         candidate = folder / "config.json"
         if candidate.is_file():
             try:
-                return json.loads(candidate.read_text())
+                config = json.loads(candidate.read_text())
             except (OSError, ValueError):
                 logger.warning("Ignoring unreadable %s", candidate)
+                continue
+            if isinstance(config, dict):
+                return config
+            logger.warning("Ignoring %s: not a JSON object", candidate)
     return {}
+
+
+def _real(value, where: str, low: float, high: float, typical: str) -> float:
+    """A finite number in (low, high) read from a file; a ModelFileError naming `where` otherwise."""
+    if (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+            and low < value < high):
+        return float(value)
+    raise ModelFileError(f"{where} is {quote(value)}; expected a number between {low:g} and {high:g} ({typical}). "
+                         "The file's settings are damaged: download it again.")
 
 
 def _hyperparameters(view: WeightSource, path) -> tuple[float, float]:
     """(rope_theta, rms_norm_eps) from GGUF metadata or config.json; Qwen3-VL's values otherwise."""
     metadata = getattr(view, "metadata", {}) or {}
+    where = view.describe()
     arch = metadata.get("general.architecture")
+    if arch is not None and not isinstance(arch, str):
+        raise ModelFileError(f"{where}: its metadata general.architecture is {quote(arch)}, not a name; the file is "
+                             "damaged: download it again.")
     if arch:
-        theta = metadata.get(f"{arch}.rope.freq_base", QWEN3_VL_ROPE_THETA)
-        eps = metadata.get(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
-        return float(theta), float(eps)
+        theta_key, eps_key = f"{arch}.rope.freq_base", f"{arch}.attention.layer_norm_rms_epsilon"
+        theta = _real(metadata.get(theta_key, QWEN3_VL_ROPE_THETA), f"{where}: its metadata {quote(theta_key)}",
+                      1, 1e12, "Qwen3-VL uses 5e6")
+        eps = _real(metadata.get(eps_key, 1e-6), f"{where}: its metadata {quote(eps_key)}", 0, 1,
+                    "Qwen3-VL uses 1e-6")
+        return theta, eps
     config = _config_json_beside(path)
-    if config:
-        hf = Qwen3TextConfig.from_hf_config(config) if "text_config" in config or "vocab_size" in config else None
-        if hf is not None:
-            return hf.rope_theta, hf.rms_norm_eps
+    if config and ("text_config" in config or "vocab_size" in config):
+        try:
+            hf = Qwen3TextConfig.from_hf_config(config)
+        except (KeyError, TypeError, ValueError, ZeroDivisionError, AttributeError) as exc:
+            raise ModelFileError(f"{where}: the config.json beside it is not a Qwen3 config ({quote(str(exc))}); "
+                                 "remove it or download it again.") from exc
+        return (_real(hf.rope_theta, f"{where}: config.json rope_theta", 1, 1e12, "Qwen3-VL uses 5e6"),
+                _real(hf.rms_norm_eps, f"{where}: config.json rms_norm_eps", 0, 1, "Qwen3-VL uses 1e-6"))
     return QWEN3_VL_ROPE_THETA, 1e-6
+
+
+# The tensors of layer 0 the sizes are read from (name, rank).
+SHAPE_TENSORS = (("embed_tokens.weight", 2), ("layers.0.self_attn.q_norm.weight", 1),
+                 ("layers.0.self_attn.q_proj.weight", 2), ("layers.0.self_attn.k_proj.weight", 2),
+                 ("layers.0.mlp.gate_proj.weight", 2), ("layers.0.input_layernorm.weight", 1))
 
 
 def config_from_weights(view: WeightSource, path=None) -> Qwen3TextConfig:
@@ -162,21 +201,56 @@ def config_from_weights(view: WeightSource, path=None) -> Qwen3TextConfig:
             else ""
         raise ModelFileError(f"{where}: the text model has no q_norm/k_norm, so it is not Qwen3.{hint} Ideogram 4 "
                              "needs the Qwen3-VL-8B text encoder.")
-    vocab, hidden = view.shape("embed_tokens.weight")
-    head_dim = view.shape("layers.0.self_attn.q_norm.weight")[0]
-    num_layers = 1 + max(int(k.split(".")[1]) for k in keys if re.fullmatch(r"layers\.\d+\.input_layernorm\.weight", k))
+    missing = [name for name, _ in SHAPE_TENSORS if name not in keys]
+    if missing:
+        raise ModelFileError(f"{where}: the text-encoder tensors {', '.join(missing)} are missing; the file is "
+                             "incomplete or not a Qwen3 text encoder.")
+    shapes = {name: tuple(view.shape(name)) for name, _ in SHAPE_TENSORS}
+    for name, rank in SHAPE_TENSORS:
+        if len(shapes[name]) != rank or 0 in shapes[name] or max(shapes[name]) > MAX_SIZE:
+            raise ModelFileError(f"{where}: {name} has shape {shapes[name]}, expected {rank} dimension(s) from 1 to "
+                                 f"{MAX_SIZE}; the file is corrupt or not a Qwen3 text encoder.")
+    vocab, hidden = shapes["embed_tokens.weight"]
+    head_dim = shapes["layers.0.self_attn.q_norm.weight"][0]
+    q_rows, k_rows = shapes["layers.0.self_attn.q_proj.weight"][0], shapes["layers.0.self_attn.k_proj.weight"][0]
+    if head_dim % 2 or q_rows % head_dim or k_rows % head_dim or (q_rows // head_dim) % (k_rows // head_dim):
+        raise ModelFileError(f"{where}: the attention shapes do not fit together (q_proj {q_rows} rows, k_proj "
+                             f"{k_rows} rows, head size {head_dim}); the file is corrupt or not a Qwen3 text encoder.")
+    layers = sorted({int(m.group(1)) for k in keys if (m := _LAYER_NAME.fullmatch(k))
+                     and m.group(2) == "input_layernorm.weight"})
+    if layers != list(range(len(layers))) or len(layers) > MAX_LAYERS:
+        gap = next((i for i, n in enumerate(layers) if i != n), len(layers))
+        raise ModelFileError(f"{where}: the decoder layers are not numbered 0 .. n-1 (layer {gap} is missing among "
+                             f"{len(layers)}); the file is incomplete or corrupt.")
     theta, eps = _hyperparameters(view, path)
     return Qwen3TextConfig(
         vocab_size=vocab,
         hidden_size=hidden,
-        intermediate_size=view.shape("layers.0.mlp.gate_proj.weight")[0],
-        num_layers=num_layers,
-        num_heads=view.shape("layers.0.self_attn.q_proj.weight")[0] // head_dim,
-        num_kv_heads=view.shape("layers.0.self_attn.k_proj.weight")[0] // head_dim,
+        intermediate_size=shapes["layers.0.mlp.gate_proj.weight"][0],
+        num_layers=len(layers),
+        num_heads=q_rows // head_dim,
+        num_kv_heads=k_rows // head_dim,
         head_dim=head_dim,
         rope_theta=theta,
         rms_norm_eps=eps,
     )
+
+
+def _check_shapes(view: WeightSource, encoder: nn.Module, where: str) -> None:
+    """Every tensor the encoder reads, against the shape the config gives it (before a byte is loaded)."""
+    absent, wrong = [], []
+    for name, param in encoder.named_parameters():
+        if name not in view:
+            absent.append(name)
+        elif tuple(view.shape(name)) != tuple(param.shape):
+            wrong.append((name, tuple(view.shape(name)), tuple(param.shape)))
+    if absent:
+        raise ModelFileError(f"{where}: {len(absent)} text-encoder tensor(s) are missing (e.g. "
+                             f"{', '.join(absent[:4])}); the file is incomplete or a different model.")
+    if wrong:
+        name, got, want = wrong[0]
+        raise ModelFileError(f"{where}: {len(wrong)} tensor(s) do not have the shape this model needs (e.g. {name} is "
+                             f"{got}, expected {want}); the file is corrupt or a different model.")
 
 
 class QuantizedEmbedding(nn.Module):
@@ -236,7 +310,7 @@ def _auto_embed_device(view: WeightSource, num_layers: int, device) -> str | tor
     if device.type != "cuda":
         return device
     free, _ = torch.cuda.mem_get_info(device)
-    layers = [k for k in view.keys() if k.startswith("layers.") and int(k.split(".")[1]) < num_layers]
+    layers = [k for k in view.keys() if (m := _LAYER_NAME.fullmatch(k)) and int(m.group(1)) < num_layers]
     needed = stored_bytes(view, layers + ["embed_tokens.weight"]) + (1 << 30)
     return "cpu" if needed > free else device
 
@@ -284,6 +358,7 @@ def load_text_encoder(
         raise ModelFileError(f"{where}: no final norm (norm.weight / output_norm.weight); cannot generate text.")
     encoder = Qwen3TextEncoder(config, num_layers=num_layers, final_norm=for_generation, dtype=compute_dtype,
                                device="meta")
+    _check_shapes(view, encoder, where)
     if embed_device == "auto":
         embed_device = _auto_embed_device(view, num_layers, device)
     encoder.embed_tokens = _embedding(view, embed_device if embed_device is not None else device, compute_dtype)

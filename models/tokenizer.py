@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from ..errors import ModelFileError, PromptError
+from ..errors import ModelFileError, PromptError, quote
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +50,17 @@ def chat_template(prompt: str) -> str:
 # Building a tokenizer from each source
 
 
-def _qwen_bpe_tokenizer(vocab: dict[str, int], merges: list):
+def _qwen_bpe_tokenizer(vocab: dict[str, int], merges: list, source="the tokenizer"):
     from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    try:
+        bpe = models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False)
+    except BaseException as exc:  # a bare Exception, or pyo3's PanicException (a BaseException) from Rust
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise ModelFileError(f"{source}: the tokenizer's vocabulary and merges do not fit together "
+                             f"({quote(str(exc), 160)}). Use the tokenizer files shipped with the model.") from exc
+    tokenizer = Tokenizer(bpe)
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -75,7 +82,7 @@ def _add_tokens(tokenizer, added: Iterable[tuple[int, str, bool]], source: Path)
             continue
         if tokenizer.get_vocab_size(with_added_tokens=True) != token_id:
             raise ModelFileError(
-                f"{source}: added token {content!r} has id {token_id}, but the vocabulary has "
+                f"{source}: added token {quote(content)} has id {token_id}, but the vocabulary has "
                 f"{tokenizer.get_vocab_size(with_added_tokens=True)} entries before it; the tokenizer files do "
                 "not belong together. Use the tokenizer files shipped with the model."
             )
@@ -97,21 +104,47 @@ def _from_vocab_merges(folder: Path):
             left, _, right = line.partition(" ")
             merges.append((left, right))
     except (OSError, ValueError) as exc:
-        raise ModelFileError(f"{folder}: cannot read vocab.json / merges.txt ({exc}).") from exc
-    tokenizer = _qwen_bpe_tokenizer(vocab, merges)
+        raise ModelFileError(f"{folder}: cannot read vocab.json / merges.txt ({quote(str(exc), 200)}).") from exc
+    if not isinstance(vocab, dict) or not all(isinstance(k, str) and _is_id(v) for k, v in vocab.items()):
+        raise ModelFileError(f"{vocab_path}: expected a JSON object of token -> id, found {quote(vocab)}. Use the "
+                             "tokenizer files shipped with the model.")
+    _check_merges(merges, vocab, merges_path)
+    tokenizer = _qwen_bpe_tokenizer(vocab, merges, vocab_path)
 
     config_path = folder / "tokenizer_config.json"
     if config_path.is_file():
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise ModelFileError(f"{config_path}: not valid JSON ({exc}).") from exc
-        decoder = config.get("added_tokens_decoder", {})
-        added = [(int(i), entry["content"], bool(entry.get("special", True))) for i, entry in decoder.items()]
+            decoder = config.get("added_tokens_decoder", {})
+            added = [(int(i), entry["content"], bool(entry.get("special", True))) for i, entry in decoder.items()]
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ModelFileError(f"{config_path}: not a tokenizer_config.json with an added_tokens_decoder "
+                                 f"({quote(str(exc), 200)}). Use the tokenizer files shipped with the model.") from exc
+        if not all(isinstance(content, str) and i >= 0 for i, content, _ in added):
+            raise ModelFileError(f"{config_path}: added_tokens_decoder holds entries that are not token strings "
+                                 "with ids. Use the tokenizer files shipped with the model.")
     else:
         added = [(i, content, True) for content, i in QWEN_CHAT_TOKENS.items()]
     _add_tokens(tokenizer, added, folder)
     return tokenizer
+
+
+def _is_id(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 31
+
+
+def _check_merges(merges: list[tuple[str, str]], vocab: dict, source) -> None:
+    """Each merge names two tokens of the vocabulary and their concatenation is one too; what the tokenizers
+    library needs (it raises a bare Exception, or panics, otherwise)."""
+    for number, (left, right) in enumerate(merges):
+        merge = f"{left} {right}"
+        if not left or not right:
+            raise ModelFileError(f"{source}: merge #{number} {quote(merge)} is not two tokens separated by a space. "
+                                 "Use the tokenizer files shipped with the model.")
+        for part in (left, right, left + right):
+            if part not in vocab:
+                raise ModelFileError(f"{source}: merge #{number} {quote(merge)} needs the token {quote(part)}, which "
+                                     "is not in the vocabulary. Use the tokenizer files shipped with the model.")
 
 
 def _from_tokenizer_json(path: Path):
@@ -119,8 +152,10 @@ def _from_tokenizer_json(path: Path):
 
     try:
         tokenizer = Tokenizer.from_file(str(path))
-    except Exception as exc:  # tokenizers raises a bare Exception on malformed files
-        raise ModelFileError(f"{path}: not a readable tokenizer.json ({exc}).") from exc
+    except BaseException as exc:  # tokenizers raises a bare Exception on malformed files (or panics in Rust)
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise ModelFileError(f"{path}: not a readable tokenizer.json ({quote(str(exc), 200)}).") from exc
     # A tokenizer.json may carry a post-processor that adds BOS/EOS; the template must be the only framing.
     tokenizer.post_processor = None
     tokenizer.no_truncation()
@@ -133,19 +168,18 @@ GGUF_TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.
 
 
 def _from_gguf(path: Path):
-    # Metadata only: gguf-py's reader maps the file and parses the key/value pairs, no tensor is read.
-    from gguf import GGUFReader
+    # Metadata only: the file is mapped and validated, no tensor is read (ops' reader parses a 152 k-token
+    # vocabulary in a fraction of a second; gguf-py's generic one takes seconds).
+    from ..ops import open_gguf
 
-    try:
-        reader = GGUFReader(str(path), "r")
-    except Exception as exc:
-        raise ModelFileError(f"{path}: not a readable GGUF file ({exc}).") from exc
-    metadata = {key: reader.fields[key].contents() for key in GGUF_TOKENIZER_KEYS if key in reader.fields}
-    return tokenizer_from_gguf_metadata(metadata, path)
+    return tokenizer_from_gguf_metadata(open_gguf(path).metadata, path)
 
 
 def tokenizer_from_gguf_metadata(metadata: dict, label="GGUF"):
-    """The tokenizer stored in a llama.cpp GGUF's metadata (e.g. `GGUFFile.metadata`, already parsed)."""
+    """The tokenizer stored in a llama.cpp GGUF's metadata (e.g. `GGUFFile.metadata`, already parsed).
+
+    Every value is checked first (types, lengths, duplicate tokens, merges naming unknown tokens): a damaged file
+    gives one ModelFileError naming it, never an error from deep inside the tokenizers library."""
     model, tokens = metadata.get("tokenizer.ggml.model"), metadata.get("tokenizer.ggml.tokens")
     if model is None or tokens is None:
         raise ModelFileError(
@@ -153,24 +187,46 @@ def tokenizer_from_gguf_metadata(metadata: dict, label="GGUF"):
             "tokenizer.json or a vocab.json + merges.txt folder instead."
         )
     pre = metadata.get("tokenizer.ggml.pre")
-    if model != "gpt2" or (pre is not None and not str(pre).startswith("qwen")):
+    if model != "gpt2" or (pre is not None and not (isinstance(pre, str) and pre.startswith("qwen"))):
         raise ModelFileError(
-            f"{label}: its tokenizer is {model!r} / pre-tokenizer {pre!r}, not the Qwen byte-level BPE "
+            f"{label}: its tokenizer is {quote(model)} / pre-tokenizer {quote(pre)}, not the Qwen byte-level BPE "
             "('gpt2' / 'qwen2') that Qwen3-VL uses. Is this the right text-encoder file?"
         )
-    types = metadata.get("tokenizer.ggml.token_type") or [_GGUF_NORMAL] * len(tokens)
-    merges = metadata.get("tokenizer.ggml.merges") or []
+    tokens = _gguf_list(metadata, "tokenizer.ggml.tokens", str, label)
+    types = _gguf_list(metadata, "tokenizer.ggml.token_type", int, label)
+    if types is None:
+        types = [_GGUF_NORMAL] * len(tokens)
+    elif len(types) != len(tokens):
+        raise ModelFileError(f"{label}: its metadata has {len(tokens)} tokens but {len(types)} token types; the file "
+                             "is damaged: download it again.")
+    merges = _gguf_list(metadata, "tokenizer.ggml.merges", str, label) or []
     vocab, added = {}, []
     for token_id, (content, kind) in enumerate(zip(tokens, types)):
         if kind == _GGUF_NORMAL:
+            if content in vocab:
+                raise ModelFileError(f"{label}: token {quote(content)} appears twice in its vocabulary (ids "
+                                     f"{vocab[content]} and {token_id}); the file is damaged: download it again.")
             vocab[content] = token_id
         elif kind in (_GGUF_CONTROL, _GGUF_USER_DEFINED):
             added.append((token_id, content, kind == _GGUF_CONTROL))
         # other types: UNUSED "[PADn]" rows that only pad the embedding table
-    tokenizer = _qwen_bpe_tokenizer(vocab, [tuple(m.split(" ", 1)) for m in merges])
+    pairs = [tuple(m.split(" ", 1)) if " " in m else (m, "") for m in merges]
+    _check_merges(pairs, vocab, label)
+    tokenizer = _qwen_bpe_tokenizer(vocab, pairs, label)
     _add_tokens(tokenizer, added, Path(str(label)))
     _check_chat_tokens(tokenizer, Path(str(label)))
     return tokenizer
+
+
+def _gguf_list(metadata: dict, key: str, kind: type, label) -> list | None:
+    """metadata[key] as a list of `kind` (None when absent); a ModelFileError naming the key otherwise."""
+    value = metadata.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+        raise ModelFileError(f"{label}: its metadata {key} is {quote(value)}, not a list of "
+                             f"{'strings' if kind is str else 'integers'}; the file is damaged: download it again.")
+    return value
 
 
 def _resolve(source: Path):

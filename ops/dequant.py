@@ -163,6 +163,24 @@ def supported_qtypes():
     return sorted((*_FLOAT_TYPES, *_FORMATS), key=int)
 
 
+@functools.cache
+def decodable(qtype) -> bool:
+    """Whether `dequantize` can decode this ggml type: a torch decoder, a float type, or a gguf-py decoder (the
+    integer types, F64, Q8_1, Q8_K and others have none: a file may hold them, a model cannot use them)."""
+    try:
+        qtype = Q(qtype)
+        type_size = GGML_QUANT_SIZES[qtype][1]
+    except (KeyError, ValueError):
+        return False
+    if qtype in _FLOAT_TYPES or qtype in _FORMATS:
+        return True
+    try:
+        gguf_quants.dequantize(np.zeros((1, type_size), dtype=np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    return True
+
+
 def block_layout(qtype) -> tuple[int, int]:
     """(weights per block, bytes per block) of a ggml type."""
     try:
@@ -188,10 +206,12 @@ def dequantize(raw: torch.Tensor, qtype, shape, dtype: torch.dtype = torch.float
     out: optional preallocated contiguous tensor (shape's size, `dtype`, raw's device) to decode into; reusing
     one saves the page faults of a fresh allocation, which cost the CPU path about as much as decoding.
     """
+    block_size, type_size = block_layout(qtype)
     qtype = Q(qtype)
     shape = tuple(int(s) for s in shape)
+    if any(s < 0 or s >= 1 << 63 for s in shape):
+        raise GGUFFormatError(f"shape {shape} has a dimension outside 0 .. 2^63-1")
     n_weights = math.prod(shape)
-    block_size, type_size = block_layout(qtype)
     if qtype in _FLOAT_TYPES:
         stored = _FLOAT_TYPES[qtype]
         flat = raw.reshape(-1)

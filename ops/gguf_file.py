@@ -4,11 +4,18 @@ gguf-py's `GGUFReader` does the parsing. It trusts the counts in the header, tho
 runs past the end of the file makes it loop (and grow lists) for as long as the count says, and a bad
 offset surfaces as an obscure numpy error. So a short bounds-checked walk over the same structure runs
 first (`_check_layout`); it touches only the header bytes, never allocates in proportion to a number read
-from the file, and turns every problem into one `GGUFFormatError` naming the file.
+from the file, and turns every problem into one `GGUFFormatError` naming the file. It checks what llama.cpp's
+own reader checks (ggml `gguf.cpp`, `gguf_init_from_file_impl`: UTF-8 keys and names, no duplicates, at most
+four dimensions, each below 2^63, known types, data inside the file) and quotes what the file holds through
+`errors.quote`, so a message stays one short line whatever the file contains.
+
+Metadata values are handed out as gguf-py parses them (any type a key may hold); the loaders check the type
+and range of every value they read.
 """
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -19,13 +26,14 @@ import numpy as np
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
 
-from ..errors import GGUFFormatError
+from ..errors import GGUFFormatError, quote
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NAME_BYTES = 1 << 16
+MAX_DIM = (1 << 63) - 1  # ggml dimensions are int64_t
 
 _SCALAR_SIZES = {
     GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.BOOL: 1,
@@ -77,8 +85,10 @@ class GGUFFile:
             # mode "c" (copy-on-write) gives writable numpy views, so torch.from_numpy shares the mapping
             # without warnings; nothing ever writes, so no page is ever copied.
             reader = _Reader(self.path, mode="c")
+            tensors = {t.name: _make_tensor(t) for t in reader.tensors}
         except Exception as exc:  # the layout check passed, so this is a format detail gguf-py rejects
-            raise GGUFFormatError(f"{self.path}: gguf-py cannot parse this file ({exc}).") from exc
+            raise GGUFFormatError(f"{self.path}: gguf-py cannot parse this file ({quote(str(exc), 200)}). Download "
+                                  "it again or re-create it with quant_tools.") from exc
         self._reader = reader
         self.alignment = int(reader.alignment)
         self.metadata = {
@@ -86,8 +96,7 @@ class GGUFFile:
             for name, field in reader.fields.items()
             if not name.startswith("GGUF.")
         }
-        for t in reader.tensors:
-            self.tensors[t.name] = _make_tensor(self.path, t)
+        self.tensors = tensors
 
     def __repr__(self):
         return f"GGUFFile({self.path!r}, {len(self.tensors)} tensors)"
@@ -106,6 +115,17 @@ class _Reader(GGUFReader):
     becomes one numpy view instead, and a string array one loop of direct length reads. The resulting
     fields are the same as gguf-py's (tests/ops/test_gguf_file.py compares `contents()` of both).
     """
+
+    def _get(self, offset, dtype, count=1, override_order=None):
+        # The same views as gguf-py's `_get`, sliced from a plain ndarray view of the mapping: np.memmap's own
+        # __getitem__ / __array_finalize__ cost ~6 us a call, 3/4 of the time to open a 400-tensor file.
+        plain = self.__dict__.get("_plain")
+        if plain is None:
+            plain = self._plain = self.data.view(np.ndarray)
+        count = int(count)
+        itemsize = np.dtype(dtype).itemsize
+        arr = plain[offset:offset + itemsize * count].view(dtype)[:count]
+        return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
 
     def _get_field_parts(self, orig_offs, raw_type):
         if raw_type != GGUFValueType.ARRAY:
@@ -145,7 +165,7 @@ def _field_value(field):
         return None
 
 
-def _make_tensor(path: str, t) -> GGUFTensor:
+def _make_tensor(t) -> GGUFTensor:
     qtype = GGMLQuantizationType(int(t.tensor_type))
     shape = tuple(int(d) for d in reversed(t.shape.tolist()))
     data = t.data
@@ -187,6 +207,15 @@ class _Cursor:
         self.pos += length
         return value
 
+    def text(self, what: str) -> str:
+        """A key or tensor name: a GGUF string of valid UTF-8, at most MAX_NAME_BYTES long."""
+        start = self.pos
+        raw = self.string(what, MAX_NAME_BYTES)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.fail(f"{what} at byte {start} is not valid UTF-8 ({quote(raw)})")
+
     def skip(self, n: int, what: str):
         self.need(n, what)
         self.pos += n
@@ -197,11 +226,14 @@ def _check_layout(path: str) -> None:
         raise GGUFFormatError(f"{path}: file not found.")
     if os.path.isdir(path):
         raise GGUFFormatError(f"{path}: is a folder, expected a .gguf file.")
-    size = os.path.getsize(path)
-    if size < 24:
-        raise GGUFFormatError(f"{path}: only {size} bytes; not a GGUF file (a GGUF header alone is 24 bytes).")
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        _walk(_Cursor(path, buf, size))
+    try:
+        size = os.path.getsize(path)
+        if size < 24:
+            raise GGUFFormatError(f"{path}: only {size} bytes; not a GGUF file (a GGUF header alone is 24 bytes).")
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            _walk(_Cursor(path, buf, size))
+    except OSError as exc:
+        raise GGUFFormatError(f"{path}: cannot read the file ({exc.strerror or exc}).") from exc
 
 
 def _walk(cur: _Cursor) -> None:
@@ -221,51 +253,70 @@ def _walk(cur: _Cursor) -> None:
         cur.fail(f"claims {n_tensors} tensors and {n_kv} metadata keys, more than {cur.size} bytes can hold")
 
     alignment = DEFAULT_ALIGNMENT
+    keys = set()
     for _ in range(n_kv):
-        key = cur.string("a metadata key", MAX_NAME_BYTES)
-        vtype = cur.unpack("I", f"the type of key {key!r}")
-        if key == b"general.alignment" and vtype == GGUFValueType.UINT32:
+        key = cur.text("a metadata key")
+        if key in keys:
+            cur.fail(f"metadata key {quote(key)} appears twice")
+        keys.add(key)
+        vtype = cur.unpack("I", f"the type of key {quote(key)}")
+        if key == "general.alignment":
+            if vtype != GGUFValueType.UINT32:
+                cur.fail(f"general.alignment has value type {vtype}, not uint32 ({GGUFValueType.UINT32.value})")
             alignment = cur.unpack("I", "general.alignment")
             if alignment == 0 or alignment & (alignment - 1):
                 cur.fail(f"general.alignment = {alignment} is not a power of two")
             continue
         _skip_value(cur, vtype, key)
 
-    infos = []
+    infos, names = [], set()
     for _ in range(n_tensors):
-        name = cur.string("a tensor name", MAX_NAME_BYTES)
-        n_dims = cur.unpack("I", f"the rank of tensor {name!r}")
+        name = cur.text("a tensor name")
+        if name in names:
+            cur.fail(f"tensor {quote(name)} appears twice")
+        names.add(name)
+        n_dims = cur.unpack("I", f"the rank of tensor {quote(name)}")
         if n_dims > MAX_DIMS:
-            cur.fail(f"tensor {name!r} claims {n_dims} dimensions (at most {MAX_DIMS})")
-        dims = [cur.unpack("Q", f"the shape of tensor {name!r}") for _ in range(n_dims)]
-        raw_type = cur.unpack("I", f"the type of tensor {name!r}")
-        offset = cur.unpack("Q", f"the data offset of tensor {name!r}")
-        infos.append((name.decode("utf-8", "replace"), dims, raw_type, offset))
+            cur.fail(f"tensor {quote(name)} claims {n_dims} dimensions (at most {MAX_DIMS})")
+        dims = [cur.unpack("Q", f"the shape of tensor {quote(name)}") for _ in range(n_dims)]
+        raw_type = cur.unpack("I", f"the type of tensor {quote(name)}")
+        offset = cur.unpack("Q", f"the data offset of tensor {quote(name)}")
+        infos.append((name, dims, raw_type, offset))
 
     data_start = -(-cur.pos // alignment) * alignment
     for name, dims, raw_type, offset in infos:
-        try:
-            qtype = GGMLQuantizationType(raw_type)
-            block_size, type_size = GGML_QUANT_SIZES[qtype]
-        except (ValueError, KeyError):
-            cur.fail(f"tensor {name!r} has unknown ggml type id {raw_type}")
-        n_elements = 1
-        for d in dims:
-            n_elements *= d
-        if dims and dims[0] % block_size:
-            cur.fail(f"tensor {name!r} ({qtype.name}) has rows of {dims[0]} values, not a multiple of its "
-                     f"block size {block_size}")
-        n_bytes = n_elements // block_size * type_size
-        start = data_start + offset
-        if start + n_bytes > cur.size:
-            cur.fail(f"tensor {name!r} data ({n_bytes} bytes at byte {start}) lies outside the file "
-                     f"({cur.size} bytes); the file is probably truncated")
-        if start % min(type_size, 8) and qtype in _FLOAT_TORCH_DTYPES:
-            cur.fail(f"tensor {name!r} data at byte {start} is misaligned for {qtype.name}")
+        _check_tensor(cur, quote(name), dims, raw_type, data_start + offset)
 
 
-def _skip_value(cur: _Cursor, vtype: int, key: bytes) -> None:
-    what = f"the value of key {key.decode('utf-8', 'replace')!r}"
+def _check_tensor(cur: _Cursor, name: str, dims: list[int], raw_type: int, start: int) -> None:
+    try:
+        qtype = GGMLQuantizationType(raw_type)
+        block_size, type_size = GGML_QUANT_SIZES[qtype]
+    except (ValueError, KeyError):
+        cur.fail(f"tensor {name} has unknown ggml type id {raw_type}")
+    if any(d > MAX_DIM for d in dims):
+        cur.fail(f"tensor {name} has a dimension of {max(dims)}, beyond the int64 range of ggml (shape {dims})")
+    if not dims and block_size > 1:
+        cur.fail(f"tensor {name} ({qtype.name}) has no dimensions; a quantized tensor needs rows of whole blocks")
+    if dims and dims[0] % block_size:
+        cur.fail(f"tensor {name} ({qtype.name}) has rows of {dims[0]} values, not a multiple of its block size "
+                 f"{block_size}")
+    # A zero dimension makes the tensor empty, but the other dimensions still have to describe something the
+    # file could hold (numpy and torch reject shapes whose non-zero extent overflows).
+    extent = math.prod(d for d in dims if d)
+    if extent // block_size * type_size > cur.size:
+        cur.fail(f"tensor {name} has shape {dims} ({extent} elements of {qtype.name}), more than the whole file "
+                 f"({cur.size} bytes) could hold")
+    n_bytes = math.prod(dims) // block_size * type_size
+    if start + n_bytes > cur.size:
+        cur.fail(f"tensor {name} data ({n_bytes} bytes at byte {start}) lies outside the file "
+                 f"({cur.size} bytes); the file is probably truncated")
+    if start % min(type_size, 8) and qtype in _FLOAT_TORCH_DTYPES:
+        cur.fail(f"tensor {name} data at byte {start} is misaligned for {qtype.name}")
+
+
+def _skip_value(cur: _Cursor, vtype: int, key: str) -> None:
+    what = f"the value of key {quote(key)}"
     if vtype in _SCALAR_SIZES:
         cur.skip(_SCALAR_SIZES[vtype], what)
     elif vtype == GGUFValueType.STRING:
@@ -289,4 +340,3 @@ def _skip_value(cur: _Cursor, vtype: int, key: bytes) -> None:
             cur.fail(f"{what} is an array of type {item_type}, which GGUF readers do not support")
     else:
         cur.fail(f"{what} has unknown value type {vtype}")
-

@@ -18,8 +18,8 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from torch import nn
 
-from ..errors import ModelFileError
-from .dequant import block_layout, dequantize
+from ..errors import GGUFFormatError, ModelFileError, quote
+from .dequant import block_layout, decodable, dequantize
 from .gguf_file import GGUFFile, open_gguf
 from .linear import Fp8Linear, QuantLinear
 
@@ -59,6 +59,9 @@ class WeightSource:
         storage = self.storage(name)
         if storage in _STORAGE_BYTES:
             return numel * _STORAGE_BYTES[storage]
+        if storage not in Q.__members__:
+            raise ModelFileError(f"{self.describe()}: tensor {quote(name)} is stored as {quote(storage)}, which this "
+                                 "pack cannot read.")
         block_size, type_size = block_layout(Q[storage])
         return numel // block_size * type_size
 
@@ -83,9 +86,15 @@ class WeightSource:
         self._require(name)
         shape = self.shape(name)
         if len(shape) != 2:
-            raise ModelFileError(f"{self.describe()}: {name} has shape {shape}, expected a 2-D Linear weight.")
+            raise ModelFileError(f"{self.describe()}: {quote(name)} has shape {shape}, expected a 2-D Linear weight.")
         bias_name = f"{prefix}.bias"
-        bias = self.tensor(bias_name, compute_dtype, device) if bias_name in self._key_set() else None
+        bias = None
+        if bias_name in self._key_set():
+            if tuple(self.shape(bias_name)) != (shape[0],):
+                raise ModelFileError(f"{self.describe()}: {quote(bias_name)} has shape {tuple(self.shape(bias_name))}, "
+                                     f"expected ({shape[0]},) for the weight of shape {tuple(shape)}; the file is "
+                                     "corrupt or not the expected model.")
+            bias = self.tensor(bias_name, compute_dtype, device)
         packed = self.packed(name)
         if packed is not None:
             qtype, raw = packed
@@ -121,8 +130,11 @@ class WeightSource:
 
     def _require(self, name: str):
         if name not in self._key_set():
-            raise ModelFileError(f"{self.describe()}: tensor {name!r} is missing. This file does not hold the "
-                                 "expected model (or is incomplete); check that you picked the right file.")
+            raise self._missing(name)
+
+    def _missing(self, name: str) -> ModelFileError:
+        return ModelFileError(f"{self.describe()}: tensor {quote(name)} is missing. This file does not hold the "
+                              "expected model (or is incomplete); check that you picked the right file.")
 
     def _fp8_scale(self, name: str):
         # Official Ideogram fp8: `<layer>.weight_scale`, one per output row; ComfyUI "fp8_scaled" files:
@@ -144,20 +156,39 @@ class GGUFSource(WeightSource):
         return list(self.gguf.tensors)
 
     def shape(self, name):
-        return self.gguf.tensors[name].shape
+        return self._get(name).shape
 
     def storage(self, name):
-        return self.gguf.tensors[name].qtype.name
+        return self._get(name).qtype.name
 
     def _dense(self, name, dtype, device):
-        t = self.gguf.tensors[name]
+        t = self._decodable(name)
         if not t.is_quantized:
             return t.raw.to(device=device, dtype=dtype or t.raw.dtype)
-        return dequantize(t.raw.to(device), t.qtype, t.shape, dtype or torch.float32)
+        try:
+            return dequantize(t.raw.to(device), t.qtype, t.shape, dtype or torch.float32)
+        except GGUFFormatError as exc:
+            raise GGUFFormatError(f"{self.path}: tensor {quote(name)}: {exc}") from exc
 
     def packed(self, name):
-        t = self.gguf.tensors[name]
+        t = self._decodable(name)
         return (t.qtype, t.raw) if t.is_quantized else None
+
+    def _get(self, name):
+        try:
+            return self.gguf.tensors[name]
+        except KeyError:
+            raise self._missing(name) from None
+
+    def _decodable(self, name):
+        """The tensor, when its type is one `dequantize` reads; checked before a layer keeps the bytes, so an
+        unreadable type fails at load time, naming the file, and never in the middle of sampling."""
+        t = self._get(name)
+        if not decodable(t.qtype):
+            raise GGUFFormatError(f"{self.path}: tensor {quote(name)} is stored as {t.qtype.name}, which neither this "
+                                  "pack nor gguf-py can decode; use a file quantized to a supported type (Q4_K, "
+                                  "Q5_K, Q6_K, Q8_0, F16, ...).")
+        return t
 
     def close(self):
         self.gguf.close()
@@ -185,7 +216,7 @@ class SafetensorsSource(WeightSource):
             self._handles[file] = handle
             for name in names:
                 if name in self._where:
-                    raise ModelFileError(f"{file}: tensor {name!r} also appears in {self._where[name]}; "
+                    raise ModelFileError(f"{file}: tensor {quote(name)} also appears in {self._where[name]}; "
                                          "these files are not shards of one checkpoint.")
                 self._where[name] = file
 
@@ -193,14 +224,25 @@ class SafetensorsSource(WeightSource):
         return list(self._where)
 
     def shape(self, name):
-        return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
+        return tuple(self._handles[self._file(name)].get_slice(name).get_shape())
 
     def storage(self, name):
-        return _SAFETENSORS_STORAGE.get(self._handles[self._where[name]].get_slice(name).get_dtype(), "?")
+        return _SAFETENSORS_STORAGE.get(self._handles[self._file(name)].get_slice(name).get_dtype(), "?")
 
     def _dense(self, name, dtype, device):
-        tensor = self._handles[self._where[name]].get_tensor(name)
+        file = self._file(name)
+        try:
+            tensor = self._handles[file].get_tensor(name)
+        except Exception as exc:  # safetensors raises its own SafetensorError on damaged data
+            raise ModelFileError(f"{file}: cannot read tensor {quote(name)} ({quote(str(exc), 200)}). Download the "
+                                 "file again.") from exc
         return tensor.to(device=device, dtype=dtype or tensor.dtype)
+
+    def _file(self, name):
+        try:
+            return self._where[name]
+        except KeyError:
+            raise self._missing(name) from None
 
     def close(self):
         self._handles = {}
@@ -256,16 +298,22 @@ class _View(WeightSource):
         return list(self._to_base)
 
     def shape(self, name):
-        return self.base.shape(self._to_base[name])
+        return self.base.shape(self._base_name(name))
 
     def storage(self, name):
-        return self.base.storage(self._to_base[name])
+        return self.base.storage(self._base_name(name))
 
     def _dense(self, name, dtype, device):
-        return self.base._dense(self._to_base[name], dtype, device)
+        return self.base._dense(self._base_name(name), dtype, device)
 
     def packed(self, name):
-        return self.base.packed(self._to_base[name])
+        return self.base.packed(self._base_name(name))
+
+    def _base_name(self, name):
+        try:
+            return self._to_base[name]
+        except KeyError:
+            raise self._missing(name) from None
 
     def close(self):
         self.base.close()
@@ -281,7 +329,7 @@ class CombinedSource(WeightSource):
         for source in sources:
             for name in source.keys():
                 if name in self._owner:
-                    raise ModelFileError(f"tensor {name!r} is in both {self._owner[name].describe()} and "
+                    raise ModelFileError(f"tensor {quote(name)} is in both {self._owner[name].describe()} and "
                                          f"{source.describe()}; pass only one of them.")
                 self._owner[name] = source
 
@@ -289,16 +337,22 @@ class CombinedSource(WeightSource):
         return list(self._owner)
 
     def shape(self, name):
-        return self._owner[name].shape(name)
+        return self._source(name).shape(name)
 
     def storage(self, name):
-        return self._owner[name].storage(name)
+        return self._source(name).storage(name)
 
     def _dense(self, name, dtype, device):
-        return self._owner[name]._dense(name, dtype, device)
+        return self._source(name)._dense(name, dtype, device)
 
     def packed(self, name):
-        return self._owner[name].packed(name)
+        return self._source(name).packed(name)
+
+    def _source(self, name):
+        try:
+            return self._owner[name]
+        except KeyError:
+            raise self._missing(name) from None
 
     def close(self):
         for source in self.sources:

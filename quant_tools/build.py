@@ -8,7 +8,10 @@ so the peak is one chunk in float32 plus its bytes and the encoders' working arr
 The sha256 of every source file goes into the metadata. Hashing 2 x 9 GB takes a while, so a background thread
 hashes while the tensors are quantized; the metadata is written first with fixed-width placeholders that are
 patched in place at the end (the layout does not move). The file is written as `<out>.partial` and renamed only
-when complete; any failure or Ctrl-C removes the partial file.
+when complete; any failure or Ctrl-C removes the partial file. A run killed outright (SIGKILL, power loss) cannot
+clean up: the next run finds the stale `<out>.partial`, says so and discards it. While a run writes, it holds a
+lock on its partial file (POSIX), so a second run on the same output stops instead of discarding a file still
+being written.
 """
 
 import errno
@@ -222,6 +225,7 @@ def build_gguf(branches, recipe, out_path, *, bare_names=False, threads=None, pr
         )
     threads = default_threads() if threads is None else threads
     temp = out_path.with_name(out_path.name + ".partial")
+    lock = _claim_partial(temp, log)
     entries = _source_files(branches)
     hasher = SourceHasher(entries)
     writer = None
@@ -273,6 +277,8 @@ def build_gguf(branches, recipe, out_path, *, bare_names=False, threads=None, pr
     except BaseException:
         _abandon(writer, hasher, temp)
         raise
+    finally:
+        lock.close()
     seconds = time.perf_counter() - started
     counts, _, weights = type_histogram(planned)
     return {
@@ -284,6 +290,43 @@ def build_gguf(branches, recipe, out_path, *, bare_names=False, threads=None, pr
         "weights": sum(weights.values()),
         "sha256": dict(hasher.digests),
     }
+
+
+def _claim_partial(temp, log):
+    """Lock `temp` for this run and return the open handle (closed when the run ends). A stale partial file left
+    by a killed run is reported and emptied; one another live run still holds is an error, not a stale file.
+
+    The writer then writes into this same file (same inode, so the lock covers it) rather than a new one."""
+    existed = temp.exists()
+    try:
+        handle = open(temp, "a+b")  # never truncates a file that another run may be writing
+    except OSError as exc:
+        raise QuantToolError(f"cannot write {temp}: {exc}") from None
+    try:
+        if not _try_lock(handle):
+            raise QuantToolError(f"{temp} is being written by another quantize run right now; wait for it to finish "
+                                 "or pick another --out")
+        if existed:
+            stale = handle.seek(0, os.SEEK_END)
+            handle.truncate(0)
+            log(f"found and removed a stale partial file {temp} ({stale / 1e9:.3f} GB, left by an interrupted run)")
+    except BaseException:
+        handle.close()
+        raise
+    return handle
+
+
+def _try_lock(handle) -> bool:
+    """An exclusive non-blocking advisory lock on an open file (flock; always granted on Windows)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: its byte-range locks are mandatory and would block our own writer; no check
+        return True
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
 
 
 def _abandon(writer, hasher, temp):

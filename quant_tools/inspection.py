@@ -15,6 +15,19 @@ def _gb(n):
     return f"{n / 1e9:.3f} GB"
 
 
+def _show(value, limit=200):
+    """A metadata value for the report, on one line and cut to `limit` characters (a damaged file can hold
+    megabytes in one string)."""
+    text = value if isinstance(value, str) else repr(value)
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def _lines(value):
+    """The strings of a metadata list (our writer stores lists of strings); anything else is not listed."""
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
 def _file_recipe(gf, recipe_override):
     if recipe_override is not None:
         return Recipe.load(recipe_override)
@@ -30,18 +43,18 @@ def inspect_file(path, show_all=False, recipe=None, out=print):
     out(f"file: {gf.path} ({_gb(gf.size)}, {len(gf.tensors)} tensors, {weights / 1e9:.3f} B weights, "
         f"{8 * gf.size / max(weights, 1):.2f} bits/weight, alignment {gf.alignment})")
     arch = md.get("general.architecture", "(none: sd.cpp-style file)")
-    out(f"architecture: {arch}" + (f"   name: {md['general.name']}" if "general.name" in md else ""))
+    out(f"architecture: {_show(arch)}" + (f"   name: {_show(md['general.name'])}" if "general.name" in md else ""))
     if "ideogram4.quant_tools_version" in md:
-        out(f"written by quant_tools {md['ideogram4.quant_tools_version']}, recipe "
-            f"{md.get('ideogram4.recipe_name', '?')}")
-    config = [f"{k} {md[f'ideogram4.{k}']}" for k in METADATA_KEYS if f"ideogram4.{k}" in md]
+        out(f"written by quant_tools {_show(md['ideogram4.quant_tools_version'])}, recipe "
+            f"{_show(md.get('ideogram4.recipe_name', '?'))}")
+    config = [f"{k} {_show(md[f'ideogram4.{k}'])}" for k in METADATA_KEYS if f"ideogram4.{k}" in md]
     if config:
         out("config: " + ", ".join(config))
-    for line in md.get("ideogram4.source_format", []):
-        out(f"source: {line}")
-    for entry in md.get("ideogram4.source_sha256", []):
+    for line in _lines(md.get("ideogram4.source_format")):
+        out(f"source: {_show(line)}")
+    for entry in _lines(md.get("ideogram4.source_sha256")):
         label, _, digest = entry.rpartition(":")
-        out(f"sha256: {digest}  {label}")
+        out(f"sha256: {_show(digest)}  {_show(label)}")
 
     groups = gf.branches()
     if not any(t.name.endswith("embed_image_indicator.weight") for t in gf.tensors):

@@ -118,7 +118,7 @@ class Recipe:
         for i, rule in enumerate(self.keep):
             if rule.regex.search(name):
                 return Decision(self.fallback_type, f"fallback name /{rule.pattern}/")
-        if len(shape) == 1 and self.fallback_1d:
+        if len(shape) <= 1 and self.fallback_1d:
             return Decision(self.fallback_type, "fallback 1-D")
         for i, rule in enumerate(self.rules):
             if rule.regex.search(name):
@@ -127,13 +127,14 @@ class Recipe:
         else:
             qtype, why = self.default_type, "default_type"
         block = QTYPES[qtype].block_size
-        if shape[-1] % block:
+        if not shape or shape[-1] % block:
+            row = shape[-1] if shape else "()"  # a 0-D tensor (a damaged file's) has no rows of blocks
             if not self.fallback_block:
                 raise QuantToolError(
-                    f"{self.origin}: {why} wants {qtype} for {name}, but its row length {shape[-1]} is not a "
+                    f"{self.origin}: {why} wants {qtype} for {name}, but its row length {row} is not a "
                     f"multiple of {block}; enable fallbacks.row_not_multiple_of_block or change the rule"
                 )
-            return Decision(self.fallback_type, f"fallback: row {shape[-1]} % {block} != 0 ({why} wanted {qtype})")
+            return Decision(self.fallback_type, f"fallback: row {row} % {block} != 0 ({why} wanted {qtype})")
         return Decision(qtype, why)
 
 

@@ -238,3 +238,83 @@ def test_metadata_equals_gguf_py_reader(tmp_path, rng):
     expected = {k: f.contents() for k, f in reference.fields.items() if not k.startswith("GGUF.")}
     assert ours == expected
     assert ours["tokenizer.ggml.tokens"] == words
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What llama.cpp's reader checks too (ggml gguf.cpp gguf_init_from_file_impl), each as one short line
+
+
+def _edited(path, tmp_path, name, edit):
+    from gguf_fuzz import Layout
+
+    layout = Layout.parse(path.read_bytes())
+    edit(layout)
+    out = tmp_path / name
+    out.write_bytes(layout.to_bytes())
+    return out
+
+
+def _tensor(layout, name):
+    return next(t for t in layout.tensors if t.name == name.encode())
+
+
+def _set_dims(name, dims):
+    return lambda layout: setattr(_tensor(layout, name), "dims", list(dims))
+
+
+CONTAINER = {
+    # a dimension >= 2^63 used to pass when another one was 0, and fail in dequantize (OverflowError)
+    "int64 dimension": (_set_dims("input_proj.bias", (0, 1 << 63)), r"dimension of 9223372036854775808"),
+    "huge extent of an empty tensor": (_set_dims("input_proj.bias", (0, 1 << 62, 4)), r"more than the whole file"),
+    "quantized without dimensions": (_set_dims("layers.0.attention.qkv.weight", ()), r"has no dimensions"),
+    "duplicate key": (lambda l: l.kvs.append(l.kvs[-1]), r"metadata key 'tokenizer\.ggml\.tokens' appears twice"),
+    "duplicate tensor": (lambda l: setattr(l.tensors[1], "name", l.tensors[0].name),
+                         r"tensor 'layers\.0\.attention\.qkv\.weight' appears twice"),
+    "non-UTF-8 key": (lambda l: setattr(l.kvs[1], "key", b"bad\xff\xfekey"), r"a metadata key .* is not valid UTF-8"),
+    "non-UTF-8 name": (lambda l: setattr(l.tensors[0], "name", b"\xc3("), r"a tensor name .* is not valid UTF-8"),
+    "alignment of another type": (lambda l: l.kvs.append(__import__("gguf_fuzz").KV(b"general.alignment", 10,
+                                                                                     struct.pack("<Q", 64))),
+                                  r"general\.alignment has value type 10, not uint32"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONTAINER))
+def test_container_checks(case, valid_file, tmp_path):
+    path, _ = valid_file
+    edit, match = CONTAINER[case]
+    bad = _edited(path, tmp_path, "bad.gguf", edit)
+    with pytest.raises(GGUFFormatError, match=match) as info:
+        open_gguf(bad)
+    message = str(info.value)
+    assert str(bad) in message and "\n" not in message and len(message) < 1000
+
+
+def test_long_names_are_quoted_short(valid_file, tmp_path):
+    path, _ = valid_file
+    long_name = b"layers.0." + b"x" * 65000
+
+    def edit(layout):
+        t = _tensor(layout, "layers.0.attention.qkv.weight")
+        t.name, t.dims = long_name, [500, 6]  # and rows that are not whole blocks
+
+    bad = _edited(path, tmp_path, "long.gguf", edit)
+    with pytest.raises(GGUFFormatError, match=r"tensor 'layers\.0\.xxx+\.\.\. \(65009 characters\) \(Q4_K\) has rows") \
+            as info:
+        open_gguf(bad)
+    assert len(str(info.value)) < 400
+
+
+def test_undecodable_tensor_types_fail_at_load_naming_file_and_tensor(valid_file, tmp_path):
+    from ideogram4_gguf.ops import GGUFSource
+
+    path, _ = valid_file
+    # the Q8_0 tensor's bytes relabelled as I8 (1 byte per element: 4 x 68 elements fit its 4 x 68 bytes)
+    bad = _edited(path, tmp_path, "int.gguf", lambda l: (setattr(_tensor(l, "layers.0.feed_forward.w2.weight"),
+                                                                 "qtype", 24),
+                                                         _set_dims("layers.0.feed_forward.w2.weight", (68, 4))(l)))
+    source = GGUFSource(open_gguf(bad))  # a file may hold such a tensor: only using it fails
+    for use in (lambda: source.tensor("layers.0.feed_forward.w2.weight"),
+                lambda: source.linear("layers.0.feed_forward.w2")):
+        with pytest.raises(GGUFFormatError, match=r"int\.gguf: tensor 'layers\.0\.feed_forward\.w2\.weight' is "
+                                                  r"stored as I8, which neither this pack nor gguf-py can decode"):
+            use()
