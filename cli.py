@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--vae", required=True, help="FLUX.2 VAE (.safetensors or the base repo's vae/ folder)")
     gen.add_argument("--width", type=int, default=1024)
     gen.add_argument("--height", type=int, default=1024)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--batch", type=int, default=1)
+    gen.add_argument("--seed", type=int, default=0, help="0 .. 2^64-1 (negative seeds are refused)")
+    gen.add_argument("--batch", type=int, default=1, help="images per run, 1..16")
     gen.add_argument("--preset", choices=("quality", "default", "turbo"), default="default")
     gen.add_argument("--steps", type=int)
     gen.add_argument("--guidance", type=float)
@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tiled", choices=("auto", "on", "off"), default="auto", help="tiled VAE decode")
     gen.add_argument("--strict-prompt", action="store_true", help="refuse prompts that are not valid captions")
     gen.add_argument("--truncate", action="store_true", help="cut prompts longer than 2048 tokens")
+    gen.add_argument("--branch-prefixes", metavar="COND,UNCOND",
+                     help="the tensor-name prefixes of the two branches when a two-branch file does not say which is "
+                          "which (an empty side: bare names)")
     gen.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH[:BRANCH]]",
                      help="apply a LoRA (safetensors; repeatable): strength default 1.0 (negative allowed), branch "
                           "auto | cond | uncond | both (auto: the branch the file was trained for)")
@@ -78,7 +81,7 @@ def _read_prompt(text: str) -> str:
 
 
 def parse_lora_spec(spec: str) -> tuple[str, float, str]:
-    """FILE[:STRENGTH[:BRANCH]] -> (file, strength, branch); read from the right, so paths with colons (C:\...) work."""
+    r"""FILE[:STRENGTH[:BRANCH]] -> (file, strength, branch); read from the right, so paths with colons (C:\...) work."""
     from .models.lora import BRANCH_CHOICES
 
     parts = spec.split(":")
@@ -99,29 +102,52 @@ def parse_lora_spec(spec: str) -> tuple[str, float, str]:
     return path, strength, branch
 
 
+def parse_branch_prefixes(text):
+    """"COND,UNCOND" (an empty side: bare tensor names) -> (cond_prefix, uncond_prefix); None for no option."""
+    if text is None:
+        return None
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise ModelFileError(f"--branch-prefixes {text!r}: give two prefixes, COND,UNCOND (e.g. "
+                             "'model.transformer.,model.unconditional_transformer.'; an empty side means bare names).")
+    return tuple(parts)
+
+
 def _generate(args) -> int:
     from tqdm import tqdm
 
     from . import pipeline
 
+    # 1. Everything cheap first: numbers, device, output folder, file headers, LoRAs, the prompt's length.
+    overrides = dict(steps=args.steps, guidance=args.guidance, polish_steps=args.polish_steps,
+                     polish_guidance=args.polish_guidance, mu=args.mu, std=args.std, terminal=args.terminal)
+    pipeline.check_settings(args.width, args.height, args.seed, args.batch, args.preset, **overrides)
     device = pipeline.resolve_device(args.device)
+    pipeline.check_output_path(args.out)
+    branch_prefixes = parse_branch_prefixes(args.branch_prefixes)
+    dit_config = pipeline.check_dit_file(args.dit, args.uncond, branch_prefixes)
+    pipeline.check_text_encoder_file(args.text_encoder)
+    pipeline.check_vae_file(args.vae)
     loras = []
-    for spec in args.lora:  # read (and reject) the LoRA files before minutes of loading
+    for spec in args.lora:
         path, strength, branch = parse_lora_spec(spec)
         loras.append((pipeline.read_lora(path, branch="auto" if branch == "both" else branch), strength, branch))
+    prompt = _read_prompt(args.prompt)
+    tokenizer = pipeline.load_tokenizer(args.text_encoder, args.tokenizer)
+    tokens = pipeline.check_prompt_length(tokenizer, prompt, strict=args.strict_prompt, truncate=args.truncate)
+
+    # 2. The text encoder (loaded, run, freed), then the DiT: they never share the device.
+    print(f"encoding the prompt ({tokens} tokens) with {args.text_encoder} ...", file=sys.stderr)
+    conditioning = pipeline.encode_prompt(args.text_encoder, prompt, tokenizer=tokenizer, compute_dtype=args.dtype,
+                                          device=device, strict=args.strict_prompt, truncate=args.truncate,
+                                          expected_feature_dim=dit_config.llm_features_dim)
     print(f"loading the DiT from {args.dit} ...", file=sys.stderr)
-    model = pipeline.load_model(args.dit, args.uncond, compute_dtype=args.dtype, kernel=args.kernel, device=device)
+    model = pipeline.load_model(args.dit, args.uncond, compute_dtype=args.dtype, kernel=args.kernel, device=device,
+                                branch_prefixes=branch_prefixes)
     for lora, strength, branch in loras:
         model = model.with_lora(lora, strength, "both" if branch == "both" else "auto")
         print(f"LoRA {lora.summary()}; strength {strength:g}", file=sys.stderr)
     print(model.summary(), file=sys.stderr)
-    print(f"encoding the prompt with {args.text_encoder} ...", file=sys.stderr)
-    conditioning = pipeline.encode_prompt(args.text_encoder, _read_prompt(args.prompt),
-                                          tokenizer_source=args.tokenizer, compute_dtype=args.dtype, device=device,
-                                          strict=args.strict_prompt, truncate=args.truncate,
-                                          expected_feature_dim=model.cond_branch.config.llm_features_dim)
-    overrides = dict(steps=args.steps, guidance=args.guidance, polish_steps=args.polish_steps,
-                     polish_guidance=args.polish_guidance, mu=args.mu, std=args.std, terminal=args.terminal)
     with tqdm(desc="sampling", unit="step", file=sys.stderr) as bar:
         def progress(step, total, x0):
             bar.total = total

@@ -30,6 +30,11 @@ class SamplingError(Ideogram4Error, ValueError):
     """Invalid sampling settings (size, steps, guidance schedule, ...)."""
 
 
+class UsageError(Ideogram4Error, ValueError):
+    """An option given to a node or the command line cannot work here: a device this machine lacks, an output folder
+    that cannot be written, a seed out of range, ..."""
+
+
 class LatentFormatError(Ideogram4Error, ValueError):
     """A LATENT or latent tensor has the wrong shape, channel count or layout for the step it was given to."""
 

@@ -16,32 +16,105 @@ from typing import Callable
 
 import torch
 
-from .errors import Ideogram4Error, ModelFileError, PromptError
+from .errors import Ideogram4Error, ModelFileError, PromptError, SamplingError, UsageError, quote
 from .models.dit import default_compute_dtype
-from .models.dit_loader import DiTLoadInfo, load_dit_branches
+from .models.dit_loader import DiTLoadInfo, find_dit_branches, load_dit_branches
 from .models.latents import LatentNorm, tokens_to_latent_dict
 from .models.lora import BRANCH_CHOICES, LoraFile, LoraHandles, bind, install
 from .models.lora import read_lora as _read_lora
 from .models.residency import MEMORY_MODES, estimate_peak_bytes, place_branches, resolve_memory_mode, stored_bytes
 from .models.text_encoder import unload_text_encoder
-from .models.text_encoder_loader import load_text_encoder
+from .models.text_encoder_loader import config_from_weights as text_encoder_config
+from .models.text_encoder_loader import load_text_encoder, text_model_view
 from .models.tokenizer import MAX_PROMPT_TOKENS, encode_prompt_ids, load_qwen_tokenizer, tokenizer_from_gguf_metadata
-from .models.vae import Flux2VAEDecoder, decode_latents
+from .models.vae import Flux2VAEDecoder, check_vae_header, decode_latents
+from .ops import open_gguf, open_weights
 from .prompts.caption import prepare_prompt
 from .sampler.flow import sample, token_grid
-from .sampler.presets import sampler_settings
+from .sampler.presets import check_seed, sampler_settings
 
 logger = logging.getLogger(__name__)
 
+MAX_BATCH = 16  # images per run (one prompt); the nodes' batch_size widget ends here too
 COMPUTE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ProgressCallback = Callable[[int, int, torch.Tensor], None]
 
 
 def resolve_device(device=None) -> torch.device:
-    """The device to compute on: the one given, else CUDA when present, else the CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device to compute on: the one given (checked to exist here), else CUDA when present, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"Unknown device {quote(device)}; use cpu, cuda or cuda:N.") from None
+    available = available_devices()
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise UsageError(f"Device {device} is not available on this machine (this torch build sees: "
+                         f"{', '.join(available)}); pick one of those.")
+    if device.type not in ("cpu", "cuda") and device.type not in {d.split(':')[0] for d in available}:
+        raise UsageError(f"Device {device} is not available on this machine; pick one of {', '.join(available)}.")
+    return device
+
+
+def available_devices() -> list[str]:
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else ["cpu"]
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        devices.append("mps")
+    return devices
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cheap checks before minutes of loading (the nodes' validate_inputs and the command line run them first)
+
+
+def check_settings(width: int, height: int, seed: int = 0, batch_size: int = 1, preset: str = "default",
+                   **overrides):
+    """The sampler settings for these values, after checking every number (finite, in range): SamplingError."""
+    settings = sampler_settings(preset, **overrides)
+    token_grid(width, height)
+    check_seed(seed)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH:
+        raise SamplingError(f"batch_size must be a whole number from 1 to {MAX_BATCH}, got {batch_size!r}.")
+    return settings
+
+
+def check_dit_file(path, uncond_path=None, branch_prefixes=None):
+    """The DiT config of a file (or pair), from its header and tensor shapes only: ModelFileError / GGUFFormatError
+    for a wrong, damaged or one-branch file."""
+    return find_dit_branches(path, uncond_path, branch_prefixes=branch_prefixes).config
+
+
+def check_text_encoder_file(path):
+    """The text encoder's config from its header (ModelFileError for anything that is not a Qwen3-VL text model)."""
+    path = resolve_text_encoder_path(path)
+    view, _ = text_model_view(open_weights(path))
+    return text_encoder_config(view, path)
+
+
+def check_vae_file(path) -> None:
+    """That a file (or folder) holds a FLUX.2 VAE decoder, from its header."""
+    check_vae_header(path)
+
+
+def check_output_path(path) -> Path:
+    """An output PNG path whose folder exists and can be written (checked before anything is computed)."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.suffix.lower() != ".png":
+        raise UsageError(f"The output {quote(str(path))} must be a .png file.")
+    if not folder.is_dir():
+        raise UsageError(f"The output folder {quote(str(folder))} does not exist; create it or pick another --out.")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"The output folder {quote(str(folder))} is not writable; pick another --out.")
+    return path
+
+
+def check_prompt_length(tokenizer, prompt: str, *, strict: bool = False, truncate: bool = False) -> int:
+    """Tokens the prompt will take (template included), or PromptError when it is too long (without truncate) or
+    not a caption in strict mode: the same checks encoding makes, without the encoder."""
+    text, _ = prepare_prompt(prompt, strict=strict)
+    return len(encode_prompt_ids(tokenizer, text, truncate=truncate))
 
 
 def resolve_dtype(dtype, device) -> torch.dtype:
@@ -217,11 +290,13 @@ def tokenizer_search_dirs(text_encoder_path) -> list[Path]:
 
 def load_tokenizer(text_encoder_path=None, tokenizer_source=None, encoder=None, extra_search_dirs=()):
     """The Qwen tokenizer for a text encoder: an explicit `tokenizer_source`, else the vocabulary inside the
-    encoder's GGUF, else one found beside the encoder file, else one in `extra_search_dirs` (ComfyUI passes
-    its own `qwen25_tokenizer` folder)."""
+    encoder's GGUF (read from the file when no `encoder` is loaded yet), else one found beside the encoder file,
+    else one in `extra_search_dirs` (ComfyUI passes its own `qwen25_tokenizer` folder)."""
     if tokenizer_source:
         return load_qwen_tokenizer(tokenizer_source)
     metadata = getattr(encoder, "tokenizer_metadata", None)
+    if encoder is None and text_encoder_path is not None and str(text_encoder_path).lower().endswith(".gguf"):
+        metadata = open_gguf(text_encoder_path).metadata
     if metadata and "tokenizer.ggml.tokens" in metadata:
         return tokenizer_from_gguf_metadata(metadata, str(text_encoder_path))
     search = (tokenizer_search_dirs(text_encoder_path) if text_encoder_path else []) + [Path(d) for d in extra_search_dirs]
@@ -268,12 +343,13 @@ def encode_text(encoder, tokenizer, prompt: str, *, strict: bool = False, trunca
 
 def encode_prompt(text_encoder_path, prompt: str, *, tokenizer_source=None, extra_search_dirs=(),
                   compute_dtype="auto", device=None, strict=False, truncate=False,
-                  expected_feature_dim: int | None = None) -> TextConditioning:
-    """Load the encoder, encode one prompt, free the encoder."""
+                  expected_feature_dim: int | None = None, tokenizer=None) -> TextConditioning:
+    """Load the encoder, encode one prompt, free the encoder. tokenizer: one already loaded (to check the prompt's
+    length before loading anything big)."""
     encoder = load_encoder(text_encoder_path, compute_dtype=compute_dtype, device=device,
                            expected_feature_dim=expected_feature_dim)
     try:
-        tokenizer = load_tokenizer(text_encoder_path, tokenizer_source, encoder, extra_search_dirs)
+        tokenizer = tokenizer or load_tokenizer(text_encoder_path, tokenizer_source, encoder, extra_search_dirs)
         return encode_text(encoder, tokenizer, prompt, strict=strict, truncate=truncate)
     finally:
         unload_text_encoder(encoder)
@@ -301,7 +377,7 @@ def sample_latents(model: Ideogram4Model, conditioning: TextConditioning, *, wid
     guidance_schedule, round_t); None keeps the preset's value. callback(step, total, x0_tokens) after each step;
     an exception it raises stops sampling (interruption). free_bytes / make_room: see `Ideogram4Model.place`.
     """
-    settings = sampler_settings(preset, **overrides)
+    settings = check_settings(width, height, seed, batch_size, preset, **overrides)
     grid = token_grid(width, height)
     features = conditioning.text_taps
     expected = model.cond_branch.config.llm_features_dim

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ModelFileError
+from ..errors import ModelFileError, quote
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +65,8 @@ _FLAT_TOP = {name.replace(".", "_"): name for name in _TOP_MODULES}
 _QUOTE = 120  # characters of a name or key quoted in an error message
 
 
-def _q(text: str) -> str:
-    text = str(text)
-    return text if len(text) <= _QUOTE else text[: _QUOTE - 3] + "..."
+def _q(text) -> str:
+    return quote(str(text), _QUOTE)
 
 
 @dataclass

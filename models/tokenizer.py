@@ -304,7 +304,8 @@ def encode_prompt_ids(tokenizer, prompt: str, max_tokens: int = MAX_PROMPT_TOKEN
     if not truncate:
         raise PromptError(
             f"The prompt is {len(ids)} tokens long with the chat template; the text encoder takes at most "
-            f"{max_tokens}. Shorten the prompt by about {len(ids) - max_tokens} tokens, or enable truncation."
+            f"{max_tokens}. Shorten the prompt by about {len(ids) - max_tokens} tokens, or let it be cut (the "
+            "`truncate` switch of Qwen3-VL Encode, `--truncate` on the command line)."
         )
     if max_tokens <= CHAT_SUFFIX_LEN + 3:
         raise PromptError(f"max_tokens={max_tokens} leaves no room for the prompt inside the chat template.")

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModelFileError
+from ..errors import ModelFileError, quote
 from .latents import (
     LatentBatchNorm,
     LatentNorm,
@@ -702,6 +702,20 @@ def _resolve_vae_path(path) -> tuple[pathlib.Path, dict]:
         except (OSError, ValueError):
             pass  # a broken neighbouring config must not block loading a valid safetensors file
     return path, config
+
+
+def check_vae_header(path) -> None:
+    """That `path` (a file or vae/ folder) holds a FLUX.2 VAE decoder, from the safetensors header alone."""
+    from safetensors import safe_open
+
+    file, _ = _resolve_vae_path(path)
+    try:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            keys = list(handle.keys())
+    except Exception as exc:  # safetensors raises its own error types for bad headers and truncated files
+        raise ModelFileError(f"{file} is not a readable safetensors file ({type(exc).__name__}: {quote(str(exc))}); "
+                             "re-download it") from exc
+    _decoder_key_map(keys, str(file))
 
 
 def _read_decoder_tensors(file: pathlib.Path) -> dict[str, torch.Tensor]:

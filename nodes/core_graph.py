@@ -27,6 +27,7 @@ from ..sampler.flow import (
 from ..sampler.presets import PRESETS, TERMINALS
 from ..sampler.schedule import guidance_schedule, official_sigmas
 from . import comfy_adapter as comfy
+from . import validation
 from .types import CORE_CATEGORY
 
 DEFAULT = PRESETS["default"]
@@ -61,6 +62,12 @@ class IG4CoreModelLoader(io.ComfyNode):
                      io.Model.Output(display_name="model_uncond",
                                      tooltip="The unconditional DiT (negative pass, image tokens only).")],
         )
+
+    @classmethod
+    def validate_inputs(cls, dit_name=None, uncond_name=None):
+        from .loader import validate_dit_files
+
+        return validate_dit_files(dit_name, uncond_name)
 
     @classmethod
     def fingerprint_inputs(cls, dit_name, uncond_name=None, **_):
@@ -109,6 +116,10 @@ class IG4OfficialSigmas(io.ComfyNode):
             ],
             outputs=[io.Sigmas.Output(display_name="sigmas")],
         )
+
+    @classmethod
+    def validate_inputs(cls, mu=None, std=None):
+        return validation.first_problem(validation.number("mu", mu, -5.0, 5.0), validation.number("std", std, 0.1, 5.0))
 
     @classmethod
     def execute(cls, steps, width, height, mu=DEFAULT.mu, std=DEFAULT.std, terminal="official", latent=None):
@@ -212,6 +223,11 @@ class IG4OfficialGuider(io.ComfyNode):
             ],
             outputs=[io.Guider.Output(display_name="guider")],
         )
+
+    @classmethod
+    def validate_inputs(cls, guidance=None, polish_guidance=None):
+        return validation.first_problem(validation.number("guidance", guidance, 0.0, 30.0),
+                                        validation.number("polish_guidance", polish_guidance, 0.0, 30.0))
 
     @classmethod
     def execute(cls, model, model_uncond, positive, guidance=DEFAULT.guidance, polish_steps=DEFAULT.polish_steps,

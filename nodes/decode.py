@@ -9,6 +9,7 @@ from ..errors import LatentFormatError
 from ..models.latents import from_comfy_flux2, is_ideogram4_latent
 from ..models.vae import estimate_decode_peak
 from . import comfy_adapter as comfy
+from . import validation
 from .types import CATEGORY
 
 TILED = ["auto", "on", "off"]
@@ -36,6 +37,10 @@ class IG4VAEDecode(io.ComfyNode):
             outputs=[io.Image.Output(display_name="image", tooltip="RGB image batch, for Save Image.")],
             hidden=[io.Hidden.unique_id],
         )
+
+    @classmethod
+    def validate_inputs(cls, vae_name=None):
+        return validation.model_file(comfy.VAE_FOLDER, vae_name, pipeline.check_vae_file)
 
     @classmethod
     def fingerprint_inputs(cls, vae_name, **_):

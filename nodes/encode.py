@@ -7,9 +7,10 @@ import os
 from comfy_api.latest import io, ui
 
 from .. import pipeline
-from ..errors import ModelFileError
+from ..errors import Ideogram4Error, ModelFileError
 from ..models.text_encoder import unload_text_encoder
 from . import comfy_adapter as comfy
+from . import validation
 from .types import CATEGORY, DTYPES, Ideogram4Conditioning
 
 TOKENIZER_SOURCES = ["auto", "comfyui"]
@@ -59,6 +60,24 @@ class IG4TextEncode(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, text_encoder=None, prompt=None, tokenizer=None, strict_json=None, truncate=None):
+        """The encoder file's header, and (when the prompt is typed in, not linked) its length and, in strict mode,
+        that it is a caption: refused at queue time, before the 8 GB encoder loads."""
+        if tokenizer is not None and tokenizer not in TOKENIZER_SOURCES:
+            return f"tokenizer must be one of {', '.join(TOKENIZER_SOURCES)}, got {tokenizer!r}"
+        checked = validation.model_file(comfy.TEXT_ENCODER_FOLDER, text_encoder, pipeline.check_text_encoder_file)
+        if checked is not True or not isinstance(prompt, str):
+            return checked
+        if not prompt.strip():
+            return "The prompt is empty. Write a description, ideally a JSON caption (see Ideogram4 JSON Prompt)."
+        try:
+            tok = _queue_tokenizer(text_encoder, tokenizer or "auto")
+            pipeline.check_prompt_length(tok, prompt, strict=bool(strict_json), truncate=bool(truncate))
+        except Ideogram4Error as exc:
+            return str(exc)
+        return True
+
+    @classmethod
     def fingerprint_inputs(cls, text_encoder, **_):
         return comfy.file_fingerprint(comfy.TEXT_ENCODER_FOLDER, text_encoder)
 
@@ -96,6 +115,26 @@ def core_conditioning(conditioning) -> list:
     """Our TextConditioning as core's CONDITIONING: [[(1, tokens, 13 * hidden) float32 taps, {}]]. One prompt, no
     padding, so no attention mask (core's model passes one on only when something is padded)."""
     return [[conditioning.text_taps.unsqueeze(0), {}]]
+
+
+_tokenizers: dict = {}
+
+
+def _queue_tokenizer(text_encoder, source):
+    """The tokenizer `execute` will use, cached by file: the length check at queue time costs one read."""
+    path = comfy.model_path(comfy.TEXT_ENCODER_FOLDER, text_encoder)
+    key = (path, os.path.getmtime(path), source)
+    if key not in _tokenizers:
+        _tokenizers.clear()
+        comfy_dirs = comfy.comfy_tokenizer_dirs()
+        if source == "comfyui":
+            if not comfy_dirs:
+                raise ModelFileError("ComfyUI's bundled Qwen tokenizer (comfy/text_encoders/qwen25_tokenizer) was not "
+                                     "found; use tokenizer 'auto'.")
+            _tokenizers[key] = pipeline.load_tokenizer(tokenizer_source=comfy_dirs[0])
+        else:
+            _tokenizers[key] = pipeline.load_tokenizer(path, extra_search_dirs=comfy_dirs)
+    return _tokenizers[key]
 
 
 def _forget(key):

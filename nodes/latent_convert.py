@@ -8,6 +8,7 @@ from .. import pipeline
 from ..errors import LatentFormatError
 from ..models.latents import is_ideogram4_latent, to_comfy_flux2
 from . import comfy_adapter as comfy
+from . import validation
 from .types import CATEGORY
 
 
@@ -29,6 +30,10 @@ class IG4LatentToFlux2(io.ComfyNode):
             ],
             outputs=[io.Latent.Output(display_name="latent", tooltip="A core FLUX.2 latent.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, vae_name=None):
+        return validation.model_file(comfy.VAE_FOLDER, vae_name, pipeline.check_vae_file)
 
     @classmethod
     def fingerprint_inputs(cls, vae_name, **_):

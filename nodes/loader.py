@@ -10,7 +10,19 @@ from comfy_api.latest import io
 from .. import pipeline
 from ..ops import KERNELS
 from . import comfy_adapter as comfy
+from . import validation
 from .types import CATEGORY, DTYPES, Ideogram4Model
+
+
+def validate_dit_files(dit_name, uncond_name):
+    """Queue-time check of the DiT file (or pair): in the folders, and headers that hold an Ideogram 4 DiT."""
+    uncond = validation.model_file(comfy.DIT_FOLDER, uncond_name, lambda path: None, optional=True)
+    if uncond is not True:
+        return uncond
+    uncond_path = None if uncond_name in (None, "", comfy.NONE_CHOICE) else comfy.model_path(comfy.DIT_FOLDER,
+                                                                                            uncond_name)
+    return validation.model_file(comfy.DIT_FOLDER, dit_name, pipeline.check_dit_file, uncond_path)
+
 
 # Two loader nodes (or a re-run with an unchanged file) share one load while anything still uses it.
 _loaded = weakref.WeakValueDictionary()
@@ -48,6 +60,10 @@ class IG4ModelLoader(io.ComfyNode):
             ],
             outputs=[Ideogram4Model.Output(display_name="model", tooltip="Both DiT branches, for Ideogram4 Sampler.")],
         )
+
+    @classmethod
+    def validate_inputs(cls, dit_name=None, uncond_name=None):
+        return validate_dit_files(dit_name, uncond_name)
 
     @classmethod
     def fingerprint_inputs(cls, dit_name, uncond_name=None, **_):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 
 from comfy_api.latest import io, ui
@@ -11,6 +10,7 @@ from .. import pipeline
 from ..errors import ModelFileError
 from ..models.lora import BRANCH_CHOICES
 from . import comfy_adapter as comfy
+from . import validation
 from .types import CATEGORY, Ideogram4Model
 
 # Read LoRA files by (path, mtime): chaining or re-running a graph does not read a file twice.
@@ -49,12 +49,10 @@ class IG4LoraLoader(io.ComfyNode):
         return comfy.file_fingerprint(comfy.LORA_FOLDER, lora_name)
 
     @classmethod
-    def validate_inputs(cls, strength=1.0, branch="auto", **_):
-        if not isinstance(strength, (int, float)) or not math.isfinite(strength):
-            return f"strength must be a finite number, got {strength!r}"
-        if branch not in BRANCH_CHOICES:
+    def validate_inputs(cls, strength=None, branch=None):
+        if branch is not None and branch not in BRANCH_CHOICES:
             return f"branch must be one of {', '.join(BRANCH_CHOICES)}, got {branch!r}"
-        return True
+        return validation.first_problem(validation.number("strength", strength, -10.0, 10.0))
 
     @classmethod
     def execute(cls, model, lora_name, strength=1.0, branch="auto"):

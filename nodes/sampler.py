@@ -8,6 +8,7 @@ from .. import pipeline
 from ..sampler.flow import token_grid
 from ..sampler.presets import PRESETS, TERMINALS, sampler_settings
 from . import comfy_adapter as comfy
+from . import validation
 from .types import CATEGORY, Ideogram4Conditioning, Ideogram4Model
 
 
@@ -58,6 +59,13 @@ class IG4Sampler(io.ComfyNode):
                                       tooltip="Ideogram 4 latent; decode with VAE Decode (Ideogram4).")],
             hidden=[io.Hidden.unique_id],
         )
+
+    @classmethod
+    def validate_inputs(cls, guidance=None, polish_guidance=None, mu=None, std=None):
+        return validation.first_problem(
+            validation.number("guidance", guidance, 0.0, 30.0),
+            validation.number("polish_guidance", polish_guidance, 0.0, 30.0),
+            validation.number("mu", mu, -5.0, 5.0), validation.number("std", std, 0.1, 5.0))
 
     @classmethod
     def execute(cls, model, conditioning, width, height, batch_size, seed, preset="default", steps=0, guidance=0.0,

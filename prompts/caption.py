@@ -292,14 +292,16 @@ def prepare_prompt(text: str, strict: bool = False) -> tuple[str, list[str]]:
         if not stripped:
             message = "Empty prompt: the image follows no description."
         if strict:
-            raise PromptError(message)
+            raise PromptError("Strict JSON captions are on and the prompt is plain text, not a JSON caption; write a "
+                              "JSON caption (docs/prompts.md) or turn strict off.")
         return text, [message]
     try:
         caption = json.loads(stripped)
     except ValueError as exc:
-        message = f"The prompt looks like JSON but does not parse ({exc}); it is passed on as plain text."
         if strict:
-            raise PromptError(message) from exc
+            raise PromptError(f"Strict JSON captions are on and the prompt looks like JSON but does not parse "
+                              f"({exc}); fix the JSON, or turn strict off to encode it as plain text.") from exc
+        message = f"The prompt looks like JSON but does not parse ({exc}); it is passed on as plain text."
         return text, [message]
     issues = validate_caption(caption)
     errors = [i for i in issues if i.severity == "error"]

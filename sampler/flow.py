@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 
 from ..errors import SamplingError
-from .presets import SamplerSettings, sampler_settings
+from .presets import SamplerSettings, check_seed, sampler_settings
 from .schedule import timesteps
 
 # One image token covers 16 x 16 pixels (VAE x8, DiT patch x2).
@@ -85,8 +85,7 @@ def sample(
             "projected_text must be the conditional branch's project_text(...) output for one prompt, (n, "
             f"{hidden}) or (1 or batch_size, n, {hidden}); got {shape}."
         )
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise SamplingError(f"seed must be a whole number, got {seed!r}.")
+    check_seed(seed)
 
     device = cond_branch.device
     if noise is None:

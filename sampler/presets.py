@@ -7,6 +7,7 @@ step) replaces the guidance / polish pair.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 from ..errors import SamplingError
@@ -28,6 +29,11 @@ class SamplerSettings:
     round_t: bool = True  # feed t rounded to the compute dtype to the time embedding, as the reference does
 
     def __post_init__(self):
+        for name in ("mu", "std", "guidance", "polish_guidance"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise SamplingError(f"{name} must be a finite number, got {value!r} (a NaN or infinite guidance gives "
+                                    "a black image).")
         if not isinstance(self.steps, int) or self.steps < 1:
             raise SamplingError(f"steps must be a whole number >= 1, got {self.steps!r}.")
         if not self.std > 0:
@@ -38,6 +44,8 @@ class SamplerSettings:
             raise SamplingError(f"terminal must be one of {TERMINALS}, got {self.terminal!r}.")
         if self.guidance_schedule is not None:
             object.__setattr__(self, "guidance_schedule", tuple(float(g) for g in self.guidance_schedule))
+            if not all(math.isfinite(g) for g in self.guidance_schedule):
+                raise SamplingError(f"guidance_schedule must hold finite numbers, got {self.guidance_schedule!r}.")
             if len(self.guidance_schedule) != self.steps:
                 raise SamplingError(
                     f"guidance_schedule has {len(self.guidance_schedule)} entries but there are {self.steps} steps; "
@@ -57,6 +65,19 @@ PRESETS: dict[str, SamplerSettings] = {
     "default": SamplerSettings(steps=20, mu=0.0, std=1.75, guidance=7.0, polish_steps=2, polish_guidance=3.0),
     "turbo": SamplerSettings(steps=12, mu=0.5, std=1.75, guidance=7.0, polish_steps=1, polish_guidance=3.0),
 }
+
+
+MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes 64-bit seeds; ComfyUI's seed widgets end here too
+
+
+def check_seed(seed) -> int:
+    """A seed as an int in [0, 2^64 - 1]; negative or larger seeds are refused (not wrapped), so one seed always
+    means one image."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise SamplingError(f"seed must be a whole number, got {seed!r}.")
+    if not 0 <= seed <= MAX_SEED:
+        raise SamplingError(f"seed {seed} is out of range: use a whole number from 0 to {MAX_SEED} (2^64 - 1).")
+    return seed
 
 
 def sampler_settings(preset: str = "default", **overrides) -> SamplerSettings:

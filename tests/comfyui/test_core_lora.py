@@ -8,9 +8,8 @@ qkv LoRA of rank 3r with stacked down factors and block-diagonal up factors), th
 from __future__ import annotations
 
 import torch
-from safetensors.torch import load_file, save_file
-
 from ideogram4_gguf.models.dit_loader import load_dit_branches
+from safetensors.torch import load_file, save_file
 
 from .harness import run_ok
 

@@ -6,6 +6,7 @@ demo files; every shipped workflow is converted to the API format with the serve
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 
@@ -122,23 +123,23 @@ def test_interrupt_mid_sampling(comfy, object_info, demo_models):
     assert node_id_of(prompt, "SaveImage") not in history["outputs"]
 
 
-def test_a_missing_model_file_is_an_actionable_error(comfy, object_info, demo_models):
-    """A model listed in the folder but unreadable at run time (a symlink whose target moved away) fails in our
-    loader with a message that names the file and says where to put it."""
+def test_a_missing_model_file_is_an_actionable_error_at_queue_time(comfy, object_info, demo_models):
+    """A model listed in the folder but unreadable (a symlink whose target moved away) is refused when the prompt is
+    queued, by our loader's validate_inputs, with a message that names the file and says where to put it."""
     name = "ideogram4-moved-away.gguf"
     link = comfy.base_dir / "models" / "diffusion_models" / name
     link.symlink_to(comfy.base_dir / "elsewhere" / name)
     try:
         prompt = for_tiny_models(convert(load(SHIPPED[0]), object_info), tiny_files(demo_models), seed=3000)
-        prompt[node_id_of(prompt, "IG4ModelLoader")]["inputs"]["dit_name"] = name
-        history, _, _ = run(comfy, prompt)
+        loader = node_id_of(prompt, "IG4ModelLoader")
+        prompt[loader]["inputs"]["dit_name"] = name
+        status, response = comfy.queue(prompt, uuid.uuid4().hex)
     finally:
         link.unlink()
-    assert history["status"]["status_str"] == "error"
-    error = status_messages(history)["execution_error"]
-    assert error["node_type"] == "IG4ModelLoader"
-    assert error["exception_type"].endswith(".errors.ModelFileError")
-    message = error["exception_message"]
+    assert status == 400 and response["error"]["type"] == "prompt_outputs_failed_validation"
+    error = response["node_errors"][loader]["errors"][0]
+    assert error["type"] == "custom_validation_failed"
+    message = error["details"]
     assert name in message and "diffusion_models" in message and "Put the file there" in message
 
 
@@ -149,5 +150,25 @@ def test_an_unknown_model_name_fails_validation(comfy, object_info, demo_models)
     prompt[loader]["inputs"]["dit_name"] = name
     status, response = comfy.queue(prompt, uuid.uuid4().hex)
     assert status == 400 and response["error"]["type"] == "prompt_outputs_failed_validation"
-    [error] = response["node_errors"][loader]["errors"]
-    assert error["type"] == "value_not_in_list" and name in error["details"]
+    error = response["node_errors"][loader]["errors"][0]
+    assert error["type"] == "custom_validation_failed" and name in error["details"]
+    assert "Put the file there" in error["details"]
+
+
+def test_bad_numbers_and_long_prompts_are_refused_at_queue_time(comfy, object_info, demo_models):
+    """ComfyUI runs our validate_inputs when the prompt is queued: nothing loads, the node shows the reason."""
+    prompt = for_tiny_models(convert(load(SHIPPED[0]), object_info), tiny_files(demo_models), seed=3100)
+    sampler, encode = node_id_of(prompt, "IG4Sampler"), node_id_of(prompt, "IG4TextEncode")
+    bad = json.loads(json.dumps(prompt))
+    bad[sampler]["inputs"]["guidance"] = float("nan")
+    status, response = comfy.queue(bad, uuid.uuid4().hex)
+    assert status == 400
+    # (ComfyUI files one copy of the message per input the check reads)
+    error = response["node_errors"][sampler]["errors"][0]
+    assert error["type"] == "custom_validation_failed" and "guidance must be a finite number" in error["details"]
+    long = json.loads(json.dumps(prompt))
+    long[encode]["inputs"]["prompt"] = "a red fox " * 700
+    status, response = comfy.queue(long, uuid.uuid4().hex)
+    assert status == 400
+    error = response["node_errors"][encode]["errors"][0]
+    assert "tokens long" in error["details"] and "truncate" in error["details"]

@@ -330,7 +330,7 @@ def test_a_shape_mismatch_names_the_tensor(reference, tmp_path):
         bind(read_lora(tmp_path / "big.safetensors"), ours_of(reference), 1.0)
     message = str(info.value)
     assert "big.safetensors" in message and "another size" in message
-    assert "LoRA tensor diffusion_model.layers.0." in message and " of this DiT maps " in message
+    assert "LoRA tensor 'diffusion_model.layers.0." in message and " of this DiT maps " in message
 
 
 def test_mismatched_factor_ranks_name_the_tensor(tmp_path):
