@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tiled", choices=("auto", "on", "off"), default="auto", help="tiled VAE decode")
     gen.add_argument("--strict-prompt", action="store_true", help="refuse prompts that are not valid captions")
     gen.add_argument("--truncate", action="store_true", help="cut prompts longer than 2048 tokens")
+    gen.add_argument("--upsample", action="store_true",
+                     help="treat the prompt as a short idea and let the text encoder write the JSON caption first "
+                          "(needs an lm_head: a llama.cpp Qwen3-VL GGUF carries one, else --lm-head)")
+    gen.add_argument("--lm-head", help="file holding the language-model head for --upsample")
+    gen.add_argument("--upsample-temperature", type=float, default=0.7, help="0 = greedy (default 0.7)")
     gen.add_argument("--branch-prefixes", metavar="COND,UNCOND",
                      help="the tensor-name prefixes of the two branches when a two-branch file does not say which is "
                           "which (an empty side: bare names)")
@@ -133,6 +138,15 @@ def _generate(args) -> int:
         path, strength, branch = parse_lora_spec(spec)
         loras.append((pipeline.read_lora(path, branch="auto" if branch == "both" else branch), strength, branch))
     prompt = _read_prompt(args.prompt)
+    if args.upsample:
+        print(f"upsampling the idea with {args.lm_head or args.text_encoder} ...", file=sys.stderr)
+        result = pipeline.upsample(args.text_encoder, prompt, width=args.width, height=args.height, seed=args.seed,
+                                   temperature=args.upsample_temperature, lm_head_path=args.lm_head,
+                                   tokenizer_source=args.tokenizer, compute_dtype=args.dtype, device=device)
+        for warning in result.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        prompt = result.prompt
+        print(f"caption: {prompt}", file=sys.stderr)
     tokenizer = pipeline.load_tokenizer(args.text_encoder, args.tokenizer)
     tokens = pipeline.check_prompt_length(tokenizer, prompt, strict=args.strict_prompt, truncate=args.truncate)
 
@@ -181,7 +195,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (Ideogram4Error, OSError, RuntimeError) as exc:
+    except (Ideogram4Error, OSError) as exc:
+        # what the pack refuses on purpose, and files the system cannot read or write: one line. Anything else
+        # (a RuntimeError from torch, say) is a bug and keeps its traceback.
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

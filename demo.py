@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-DEMO_VERSION = 2  # bump when the set's content changes, so old caches are rebuilt
+DEMO_VERSION = 3  # bump when the set's content changes, so old caches are rebuilt
 SEED = 20260604
 
 # DiT: the real layout at width 256 (K % 256 == 0, so every linear but input_proj can be Q4_K like the published
@@ -176,7 +176,9 @@ def _write_text_encoder(path: Path, tokenizer, generator) -> None:
     tokens, types, merges = _tokenizer_metadata(tokenizer)
     config = Qwen3TextConfig(vocab_size=len(tokens), **TE_CONFIG)
     with torch.device("meta"):
-        shapes = {n: tuple(p.shape) for n, p in Qwen3TextEncoder(config).named_parameters()}
+        shapes = {n: tuple(p.shape) for n, p in Qwen3TextEncoder(config, final_norm=True).named_parameters()}
+    # the language-model head a llama.cpp Qwen3-VL GGUF carries too: the demo set can upsample prompts
+    shapes["lm_head.weight"] = (config.vocab_size, config.hidden_size)
     partial = path.with_suffix(path.suffix + ".partial")
     writer = gguf.GGUFWriter(partial, "qwen3vl")
     writer.add_float32("qwen3vl.rope.freq_base", config.rope_theta)

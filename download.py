@@ -17,6 +17,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import DownloadError
+
 DIT_REPO = "transformerlab/ideogram-4-gguf-q4_k"
 DIT_FILE = "ideogram4-q4_k.gguf"
 BASE_REPO = "ideogram-ai/ideogram-4-fp8"
@@ -35,10 +37,6 @@ class PlannedFile:
     @property
     def done(self) -> bool:
         return self.target.is_file() and self.size is not None and self.target.stat().st_size == self.size
-
-
-class DownloadError(RuntimeError):
-    """A download that cannot proceed, with the fix in the message."""
 
 
 def _destination(models_dir: Path, repo: str, filename: str) -> Path:

@@ -39,6 +39,11 @@ class LatentFormatError(Ideogram4Error, ValueError):
     """A LATENT or latent tensor has the wrong shape, channel count or layout for the step it was given to."""
 
 
+class DownloadError(Ideogram4Error):
+    """A model download that cannot proceed (gated or missing repository, no network, no disk space, cancelled),
+    with the fix in the message."""
+
+
 def quote(value, limit: int = QUOTE_LIMIT) -> str:
     """`repr` of a value read from a file, cut to about `limit` characters and always on one line.
 

@@ -22,14 +22,16 @@ from .models.dit_loader import DiTLoadInfo, find_dit_branches, load_dit_branches
 from .models.latents import LatentNorm, tokens_to_latent_dict
 from .models.lora import BRANCH_CHOICES, LoraFile, LoraHandles, bind, install
 from .models.lora import read_lora as _read_lora
-from .models.residency import MEMORY_MODES, estimate_peak_bytes, place_branches, resolve_memory_mode, stored_bytes
+from .models.residency import MEMORY_MODES  # noqa: F401  (the nodes offer pipeline.MEMORY_MODES)
+from .models.residency import check_memory_mode, estimate_peak_bytes, place_branches, resolve_memory_mode, stored_bytes
 from .models.text_encoder import unload_text_encoder
 from .models.text_encoder_loader import config_from_weights as text_encoder_config
-from .models.text_encoder_loader import load_text_encoder, text_model_view
+from .models.text_encoder_loader import load_lm_head, load_text_encoder, text_model_view
 from .models.tokenizer import MAX_PROMPT_TOKENS, encode_prompt_ids, load_qwen_tokenizer, tokenizer_from_gguf_metadata
 from .models.vae import Flux2VAEDecoder, check_vae_header, decode_latents
 from .ops import open_gguf, open_weights
 from .prompts.caption import prepare_prompt
+from .prompts.upsample import upsample_prompt
 from .sampler.flow import sample, token_grid
 from .sampler.presets import check_seed, sampler_settings
 
@@ -102,11 +104,11 @@ def check_output_path(path) -> Path:
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
     if path.suffix.lower() != ".png":
-        raise UsageError(f"The output {quote(str(path))} must be a .png file.")
+        raise UsageError(f"The output {path} must be a .png file.")
     if not folder.is_dir():
-        raise UsageError(f"The output folder {quote(str(folder))} does not exist; create it or pick another --out.")
+        raise UsageError(f"The output folder {folder} does not exist; create it or pick another --out.")
     if not os.access(folder, os.W_OK):
-        raise UsageError(f"The output folder {quote(str(folder))} is not writable; pick another --out.")
+        raise UsageError(f"The output folder {folder} is not writable; pick another --out.")
     return path
 
 
@@ -241,8 +243,7 @@ def load_model(path, uncond_path=None, *, compute_dtype="auto", kernel="auto", m
     memory_mode: one of MEMORY_MODES ("auto", "gpu", "stream_uncond", "cpu_offload"; docs/memory.md).
     branch_prefixes: (cond_prefix, uncond_prefix) for a two-branch file whose tensor prefixes do not say which
     branch is which (docs/dit.md, "Which prefix is which branch")."""
-    if memory_mode not in MEMORY_MODES:
-        raise ValueError(f"memory_mode must be one of {MEMORY_MODES}, got {memory_mode!r}")
+    check_memory_mode(memory_mode)
     device = resolve_device(device)
     dtype = resolve_dtype(compute_dtype, device)
     cond, uncond, info = load_dit_branches(path, uncond_path, compute_dtype=dtype, device="cpu", kernel=kernel,
@@ -351,6 +352,43 @@ def encode_prompt(text_encoder_path, prompt: str, *, tokenizer_source=None, extr
     try:
         tokenizer = tokenizer or load_tokenizer(text_encoder_path, tokenizer_source, encoder, extra_search_dirs)
         return encode_text(encoder, tokenizer, prompt, strict=strict, truncate=truncate)
+    finally:
+        unload_text_encoder(encoder)
+
+
+def upsample(text_encoder_path, idea: str, *, width: int = 1024, height: int = 1024, seed: int = 0,
+             max_new_tokens: int = 1024, temperature: float = 0.0, lm_head_path=None, tokenizer_source=None,
+             extra_search_dirs=(), compute_dtype="auto", device=None, on_token=None):
+    """Local prompt upsampling (docs/prompts.md): a plain idea -> a validated JSON caption, written by the text
+    encoder's own Qwen3-VL weights with a language-model head (from `lm_head_path`, else the encoder file itself:
+    llama.cpp GGUFs and the Instruct checkpoints carry one). Loads, generates, frees. Greedy at temperature 0.
+
+    Returns prompts.upsample.UpsampleResult (caption, minified prompt, raw reply, warnings)."""
+    check_seed(seed)
+    if not isinstance(idea, str) or not idea.strip():
+        raise PromptError("Prompt upsampling needs an idea: write a few words about the picture.")
+    for name, value, low, high in (("temperature", temperature, 0.0, 2.0), ("max_new_tokens", max_new_tokens, 16, 4096)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise PromptError(f"{name} must be a number from {low} to {high}, got {value!r}.")
+    token_grid(width, height)
+    device = resolve_device(device)
+    dtype = resolve_dtype(compute_dtype, device)
+    path = resolve_text_encoder_path(text_encoder_path)
+    encoder = load_text_encoder(path, compute_dtype=dtype, device=device, for_generation=True)
+    try:
+        try:
+            head = load_lm_head(lm_head_path or path, encoder)
+        except ModelFileError as exc:
+            if lm_head_path:
+                raise
+            raise ModelFileError(f"{path} has no language-model head, which prompt upsampling needs: pick "
+                                 "a text encoder that carries one (a llama.cpp Qwen3-VL-8B GGUF, or the "
+                                 "Qwen3-VL-8B-Instruct checkpoint), or give the head separately (lm_head file, e.g. "
+                                 "diffusers/qwen3-vl-8b-instruct-lm-head).") from exc
+        tokenizer = load_tokenizer(path, tokenizer_source, encoder, extra_search_dirs)
+        return upsample_prompt(idea, encoder, head, tokenizer, width=width, height=height,
+                               max_new_tokens=int(max_new_tokens), temperature=float(temperature), seed=int(seed),
+                               on_token=on_token)
     finally:
         unload_text_encoder(encoder)
 

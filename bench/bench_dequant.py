@@ -9,20 +9,13 @@ gguf-py before it is timed. Prints Mweights/s (best of --repeats) and the speed-
 """
 
 import argparse
-import pathlib
-import sys
 import time
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from bench._pack import import_pack  # noqa: E402
-
-import_pack()
-from ideogram4_gguf.ops import dequantize  # noqa: E402
+from ideogram4_gguf.ops import dequantize
 
 
 def straightforward_q4_k(raw: torch.Tensor) -> torch.Tensor:

@@ -9,22 +9,18 @@ checks on the way that both give the same bytes. The 2-thread oracle splits the 
 (`ggml_quantize_chunk` releases the GIL). `--errors` prints instead the relative RMSE of each type on synthetic
 weight distributions and of each shipped recipe (weighted by the full-size tensor sizes). `--big-tensor` streams
 one full-size llm_cond_proj (4608 x 53248 fp8 e4m3fn + per-row weight_scale, written to a temp file) through the
-file writer's quantize path into /dev/null and prints the time and the peak RSS. Run it from the repository root.
+file writer's quantize path into /dev/null and prints the time and the peak RSS.
 """
 
 import argparse
 import ctypes
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from quant_tools.quants import QTYPES, quantize
+from ideogram4_gguf.quant_tools.quants import QTYPES, quantize
 
 
 def ggml_oracle():
@@ -75,9 +71,9 @@ def synthetic(kind, rows, cols, rng):
 
 
 def print_errors(rows, cols):
-    from quant_tools.config import FULL_SIZE
-    from quant_tools.quants import dequantize
-    from quant_tools.recipe import Recipe, shipped_names
+    from ideogram4_gguf.quant_tools.layout import FULL_SIZE
+    from ideogram4_gguf.quant_tools.quants import dequantize
+    from ideogram4_gguf.quant_tools.recipe import Recipe, shipped_names
 
     rng = np.random.default_rng(0)
     types = ["Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0", "BF16", "F16"]
@@ -109,10 +105,10 @@ def big_tensor(threads, qtype="Q4_K"):
     import json
     import tempfile
 
-    from quant_tools.build import PlannedTensor, _write_tensor
-    from quant_tools.quants import get_qtype
-    from quant_tools.safetensors_io import SafetensorsFile
-    from quant_tools.sources import Part, TensorSource
+    from ideogram4_gguf.quant_tools.build import PlannedTensor, _write_tensor
+    from ideogram4_gguf.quant_tools.quants import get_qtype
+    from ideogram4_gguf.quant_tools.safetensors_io import SafetensorsFile
+    from ideogram4_gguf.quant_tools.sources import Part, TensorSource
 
     rows, cols = 4608, 53248
     rng = np.random.default_rng(0)

@@ -19,8 +19,7 @@ from __future__ import annotations
 import collections
 
 import torch
-
-from ..ops import QuantLinear
+from ideogram4_gguf.ops import QuantLinear
 
 
 class DequantAhead:

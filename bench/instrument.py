@@ -26,9 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType as Q
+from ideogram4_gguf.ops import Fp8Linear, QuantLinear, triton_dequant
+from ideogram4_gguf.ops import dequantize as torch_dequantize
 
-from ..ops import Fp8Linear, QuantLinear, triton_dequant
-from ..ops import dequantize as torch_dequantize
+import triton_variants
 
 CATEGORIES = ("dequant", "gemm", "attention")
 FUSED_4BIT = "bitsandbytes matmul_4bit"  # resolved to dequant or gemm per call (Breakdown._category)
@@ -180,9 +181,9 @@ def dequant_kernels(device: torch.device) -> dict:
 
 
 # Triton Q4_K kernels and launch shapes tried by the sweep: (kernel variant, GGUF blocks per program, warps per
-# program); variant None is the default kernel, "gather" the first one (ops/_triton_kernels.py).
-TRITON_LAUNCHES = tuple((variant, blocks, warps) for variant in (None, "gather") for blocks in (2, 4, 8, 16, 32)
-                        for warps in (2, 4, 8))
+# program); variant None is the shipped kernel, the others are the benchmark's (triton_variants.py KERNELS).
+TRITON_LAUNCHES = tuple((variant, blocks, warps) for qtype, variant in triton_variants.KERNELS if qtype == Q.Q4_K
+                        for blocks in (2, 4, 8, 16, 32) for warps in (2, 4, 8))
 
 
 def dequant_bandwidth(device: torch.device, dtype: torch.dtype, rows: int = 12288, cols: int = 4608,
@@ -216,8 +217,8 @@ def dequant_bandwidth(device: torch.device, dtype: torch.dtype, rows: int = 1228
         launches = []
         for variant, blocks, warps in TRITON_LAUNCHES:
             def kernel(p, shape, dt, variant=variant, blocks=blocks, warps=warps):
-                return triton_dequant.dequantize(p, Q.Q4_K, shape, dt, blocks_per_program=blocks, num_warps=warps,
-                                                 variant=variant)
+                return triton_variants.dequantize(p, Q.Q4_K, shape, dt, variant=variant, blocks_per_program=blocks,
+                                                  num_warps=warps)
 
             if not torch.equal(kernel(packed, (rows, cols), dtype), reference):
                 raise AssertionError(f"Triton {variant or 'default'} kernel, {blocks} blocks x {warps} warps, "

@@ -35,9 +35,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from ..models.dit import Ideogram4Config
-from ..ops import dequantize, open_gguf
+from ideogram4_gguf.models.dit import Ideogram4Config
+from ideogram4_gguf.ops import dequantize, open_gguf
 
 # Bump when the bytes a given key produces change, so stale caches are not reused.
 FORMAT_VERSION = 1
@@ -77,10 +76,7 @@ def parameter_count(config: Ideogram4Config, with_text: bool) -> int:
 
 def tensor_shapes(config: Ideogram4Config, with_text: bool = True) -> dict[str, tuple[int, ...]]:
     """Official name -> shape of one branch, in file order (quant_tools' table; uncond without llm_cond_*)."""
-    shapes = _quant_config(config).tensor_shapes()
-    if not with_text:
-        shapes = {n: s for n, s in shapes.items() if not n.startswith("llm_cond_")}
-    return shapes
+    return config.tensor_shapes(with_text)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -103,16 +99,6 @@ def q4_k_gguf(config: Ideogram4Config, cache_dir=DEFAULT_CACHE_DIR, recipe: str 
             "build_s": time.perf_counter() - started}
 
 
-def _quant_config(config: Ideogram4Config):
-    from ..quant_tools.config import Ideogram4Config as QuantConfig
-
-    return QuantConfig(hidden_size=config.hidden_size, num_layers=config.num_layers, num_heads=config.num_heads,
-                       head_dim=config.head_dim, intermediate_size=config.intermediate_size,
-                       adaln_dim=config.adaln_dim, in_channels=config.in_channels,
-                       llm_features_dim=config.llm_features_dim, rope_theta=config.rope_theta,
-                       mrope_section=tuple(config.mrope_section), norm_eps=config.norm_eps, origin="synthetic")
-
-
 class _SyntheticTensor:
     """What quant_tools' planner needs of a source tensor: its shape."""
 
@@ -123,17 +109,15 @@ class _SyntheticTensor:
 
 def _write_gguf(config: Ideogram4Config, path: Path, recipe_name: str, seed: int, log) -> None:
     import gguf
+    from ideogram4_gguf.quant_tools import build
+    from ideogram4_gguf.quant_tools.recipe import Recipe
+    from ideogram4_gguf.quant_tools.sources import BranchSource
 
-    from ..quant_tools import build
-    from ..quant_tools.recipe import Recipe
-    from ..quant_tools.sources import BranchSource
-
-    quant_config = _quant_config(config)
     recipe = Recipe.load(recipe_name)
     branches = [
         BranchSource(role, Path("synthetic"), "synthetic random weights (bench/synthetic.py)", [],
-                     {name: _SyntheticTensor(name, shape) for name, shape in quant_config.tensor_shapes().items()},
-                     config=quant_config, naming="official fused names")
+                     {name: _SyntheticTensor(name, shape) for name, shape in config.tensor_shapes().items()},
+                     config=config, naming="official fused names")
         for role in ("conditional", "unconditional")
     ]
     planned = build.plan(branches, recipe)
@@ -173,7 +157,7 @@ def _write_gguf(config: Ideogram4Config, path: Path, recipe_name: str, seed: int
 
 def _pool(qtype, rng, blocks: int) -> np.ndarray:
     """(blocks, type_size) blocks quantized by quant_tools from Gaussian + outlier-column weights."""
-    from ..quant_tools.quants import quantize
+    from ideogram4_gguf.quant_tools.quants import quantize
 
     cols = 4096
     rows = -(-blocks * qtype.block_size // cols)
@@ -191,7 +175,7 @@ def _float_values(name: str, shape, rng) -> np.ndarray:
 
 def _tensor_bytes(t, rng, pools):
     """The stored bytes of one planned tensor, in chunks."""
-    from ..quant_tools.quants import quantize
+    from ideogram4_gguf.quant_tools.quants import quantize
 
     name = t.out_name.split(".", 1)[1]
     if not t.qtype.is_quantized:

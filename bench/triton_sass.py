@@ -9,42 +9,31 @@ against its issue rate (an H100 issues about 9e11 warp instructions per second) 
 (~0.8e12 weights/s is 70 % of 3 TB/s at 2.56 bytes per weight). It says nothing about memory behaviour: the
 bandwidth stage on a GPU does (docs/PERF.md).
 
-Pointer arguments are specialised as 16-byte aligned and fp fusion is on, as `ops/triton_dequant.py` launches them;
-"by hand" is the interpreter's integer bf16 rounding, compiled for comparison.
+Every kernel of triton_variants.py KERNELS: the shipped ones (ops/_triton_kernels.py) and the benchmark's variants
+(triton_variant_kernels.py). Pointer arguments are specialised as 16-byte aligned and fp fusion is on, as
+`ops/triton_dequant.py` launches them; "by hand" is the interpreter's integer bf16 rounding, compiled for
+comparison.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
-import os
 import pathlib
 import re
 import subprocess
 import sys
 import tempfile
 
+from gguf import GGMLQuantizationType as Q
+
+from triton_variants import KERNELS, WEIGHTS_PER_BLOCK, load_kernels
+
 OUTPUTS = {"bf16": (True, "*i16"), "fp32": (False, "*fp32"), "fp16": (False, "*fp16")}
-WEIGHTS_PER_BLOCK = {"q4_k": 256, "q4_k_gather": 256, "q6_k": 256, "q8_0": 32}
 
 
 class CannotCompile(RuntimeError):
     """This Triton install cannot compile for NVIDIA GPUs here (no ptxas / cuobjdump)."""
-
-
-def load_kernels():
-    """A private copy of ops/_triton_kernels.py, decorated for compilation whatever TRITON_INTERPRET says."""
-    path = pathlib.Path(__file__).resolve().parents[1] / "ops" / "_triton_kernels.py"
-    saved = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        spec = importlib.util.spec_from_file_location("ideogram4_triton_kernels_sass_probe", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
-    return module
 
 
 def compile_kernel(fn, arch: int, output: str = "bf16", blocks: int = 8, warps: int = 4, by_hand: bool = False):
@@ -98,19 +87,21 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--arch", nargs="+", type=int, default=[90, 86], help="sm_XX numbers (90 = H100)")
     parser.add_argument("--launch", nargs="+", default=["8x4", "16x4"], help="BLOCKSxWARPS")
     args = parser.parse_args(argv)
-    kernels = load_kernels()
+    kernels = load_kernels(interpret=False)  # whatever TRITON_INTERPRET says
+    q4_k = [name for (qtype, _), name in KERNELS.items() if qtype == Q.Q4_K]
     rows = []
     print(f"{'arch':<6} {'kernel':<12} {'launch':<6} {'bf16':<8} {'SASS/thread':>11} {'warp-instr/weight':>17}  "
           "loads / stores (per thread)")
     for arch in args.arch:
-        for name, by_hand in (("q4_k", False), ("q4_k_gather", False), ("q4_k", True), ("q4_k_gather", True)):
-            for launch in args.launch:
-                blocks, warps = (int(v) for v in launch.split("x"))
-                row = kernel_cost(kernels, name, arch, blocks, warps, by_hand)
-                rows.append(row)
-                print(f"sm_{arch:<3} {name:<12} {launch:<6} {'by hand' if by_hand else 'native':<8} "
-                      f"{row['instructions_per_thread']:>11} {row['warp_instructions_per_weight']:>17.3f}  "
-                      f"{row['loads']} / {row['stores']}")
+        for by_hand in (False, True):
+            for name in q4_k:
+                for launch in args.launch:
+                    blocks, warps = (int(v) for v in launch.split("x"))
+                    row = kernel_cost(kernels, name, arch, blocks, warps, by_hand)
+                    rows.append(row)
+                    print(f"sm_{arch:<3} {name:<12} {launch:<6} {'by hand' if by_hand else 'native':<8} "
+                          f"{row['instructions_per_thread']:>11} {row['warp_instructions_per_weight']:>17.3f}  "
+                          f"{row['loads']} / {row['stores']}")
     return rows
 
 

@@ -17,12 +17,8 @@ full-size figures are the `computed full size` column (the estimate for the real
 import argparse
 import json
 import os
-import pathlib
 import subprocess
 import sys
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from bench._pack import import_pack
 
 
 def _status_kib(field):
@@ -38,8 +34,6 @@ def run_case(case):
     import time
 
     import torch
-
-    import_pack()
     from ideogram4_gguf.models import vae as V
 
     torch.set_num_threads(case["threads"])

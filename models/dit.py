@@ -17,13 +17,14 @@ Linear (a plain `nn.Linear`, or the packed `QuantLinear` / `Fp8Linear` from `ops
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import ModelFileError
+from ..quant_tools import layout
 
 # Image tokens sit at this offset on all three RoPE axes so they never collide with text positions (official
 # IMAGE_POSITION_OFFSET).
@@ -33,43 +34,15 @@ IMAGE_POSITION_OFFSET = 65536
 FP16_MAX = 65504.0
 
 # The tensor whose presence identifies an Ideogram 4 DiT (row 0 = text/padding, row 1 = image token).
-ARCH_TENSOR = "embed_image_indicator.weight"
+ARCH_TENSOR = layout.ARCH_TENSOR
 
 
-@dataclass(frozen=True)
-class Ideogram4Config:
-    """Shape of one branch. The defaults are the published model (docs/spec.md §2.1); tests build tiny ones."""
+class Ideogram4Config(layout.Ideogram4Config):
+    """Shape of one branch: fields, defaults (the published model, docs/spec.md §2.1), checks and tensor table are
+    quant_tools' torch-free `layout.Ideogram4Config`; this subclass only makes a config that cannot work raise the
+    pack's ModelFileError."""
 
-    hidden_size: int = 4608
-    num_layers: int = 34
-    num_heads: int = 18
-    head_dim: int = 256
-    intermediate_size: int = 12288
-    adaln_dim: int = 512
-    in_channels: int = 128
-    llm_features_dim: int = 53248
-    rope_theta: float = 5_000_000.0
-    # mrope_section[0] is never read: the T axis takes every frequency the H and W axes do not (docs/spec.md §2.5).
-    mrope_section: tuple[int, int, int] = (24, 20, 20)
-    norm_eps: float = 1e-5
-
-    def __post_init__(self):
-        problems = []
-        if self.num_heads * self.head_dim != self.hidden_size:
-            problems.append(f"num_heads {self.num_heads} x head_dim {self.head_dim} != hidden_size {self.hidden_size}")
-        if self.head_dim % 2:
-            problems.append(f"head_dim {self.head_dim} is odd")
-        if len(self.mrope_section) != 3 or 3 * max(self.mrope_section[1:]) > self.head_dim // 2:
-            problems.append(
-                f"mrope_section {tuple(self.mrope_section)} does not fit head_dim {self.head_dim} "
-                f"(3 x sections[1:] must be <= head_dim/2)"
-            )
-        if problems:
-            raise ModelFileError("Inconsistent Ideogram 4 DiT config: " + "; ".join(problems) + ".")
-
-    @classmethod
-    def field_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
+    Error = ModelFileError
 
 
 def default_compute_dtype(device) -> torch.dtype:

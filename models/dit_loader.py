@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import numbers
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,27 +35,28 @@ import torch
 
 from ..errors import ModelFileError, quote
 from ..ops import FP8_STORAGE, StateDictSource, WeightSource, open_weights
+from ..quant_tools import layout
 from .dit import ARCH_TENSOR, Ideogram4Config, Ideogram4DiT, default_compute_dtype
 
 logger = logging.getLogger(__name__)
 
-# (conditional, unconditional) prefixes of the two-branch files we know of; each satisfies the naming rule below
-# (tests/models/test_dit_loader.py loads every one).
+# (conditional, unconditional) prefixes of the two-branch files we know of, ours (quant_tools) first; each satisfies
+# the naming rule below (tests/models/test_dit_loader.py loads every one).
 BRANCH_PREFIX_PAIRS = (
-    ("conditional_transformer.", "unconditional_transformer."),
+    tuple(layout.BRANCH_PREFIXES[role] for role in layout.BRANCH_ROLES),
     ("transformer.", "unconditional_transformer."),
     ("cond.", "uncond."),
 )
 # A prefix naming the unconditional branch contains one of these (case-insensitive; "unconditional" contains
 # "uncond").
 UNCOND_MARKERS = ("uncond", "negative")
-# `ideogram4.branches` role names (quant_tools/build.py writes them, in file order).
-BRANCH_ROLES = ("conditional", "unconditional")
+# `ideogram4.branches` role names (quant_tools writes them, in file order).
+BRANCH_ROLES = layout.BRANCH_ROLES
 # Prefixes of a file that holds a single branch: bare names, a ComfyUI checkpoint prefix, or any other single
 # prefix ending in "." under which the full tensor set sits.
 SINGLE_BRANCH_PREFIXES = ("", "model.diffusion_model.")
 # The official diffusers-style release folder.
-BRANCH_FOLDERS = ("transformer", "unconditional_transformer")
+BRANCH_FOLDERS = tuple(layout.BRANCH_FOLDERS[role] for role in layout.BRANCH_ROLES)
 
 # What a wrong file most likely is, from a tell-tale name fragment (for the error message only).
 OTHER_MODELS = (
@@ -69,18 +67,6 @@ OTHER_MODELS = (
     ("decoder.up", "a VAE"),
     ("encoder.down", "a VAE"),
 )
-
-# `ideogram4.<field>` GGUF metadata (our quant_tools) and diffusers `config.json` keys -> config fields.
-DIFFUSERS_CONFIG_KEYS = {"rope_theta": "rope_theta", "mrope_section": "mrope_section", "norm_eps": "norm_eps"}
-# Config fields that are sizes, and their bound: no DiT dimension comes near it (the largest published one is the
-# 53248 text features, docs/spec.md §2.1), and nothing bigger can be built.
-SIZE_FIELDS = ("hidden_size", "num_layers", "num_heads", "head_dim", "intermediate_size", "adaln_dim", "in_channels",
-               "llm_features_dim")
-MAX_SIZE = 1 << 20
-
-_SPLIT_QKV = re.compile(r"^(layers\.\d+\.attention\.)to_([qkv])\.weight$")
-_SPLIT_OUT = re.compile(r"^(layers\.\d+\.attention\.)to_out\.0\.(weight)$")
-_LAYER_INDEX = re.compile(r"^layers\.(\d{1,6})\.")  # a longer index is no layer (int() refuses 4300+ digits)
 
 
 @dataclass
@@ -311,7 +297,7 @@ def _metadata_prefixes(source, label: str, found: set[str]) -> tuple[str, str] |
     """(cond, uncond) prefixes named by `ideogram4.branches` + `ideogram4.branch_prefixes`, when both are present
     and fit the file; metadata that does not fit is logged and ignored (the names still decide)."""
     metadata = getattr(source, "metadata", None) or {}
-    roles, prefixes = metadata.get("ideogram4.branches"), metadata.get("ideogram4.branch_prefixes")
+    roles, prefixes = metadata.get(layout.BRANCHES_KEY), metadata.get(layout.BRANCH_PREFIXES_KEY)
     if prefixes is None:
         return None
     if not (_is_str_list(roles) and _is_str_list(prefixes) and len(roles) == len(prefixes) == 2
@@ -329,7 +315,7 @@ def _metadata_prefixes(source, label: str, found: set[str]) -> tuple[str, str] |
 
 def _metadata_role(source) -> str | None:
     """"conditional" / "unconditional" for a single-branch file whose `ideogram4.branches` says so."""
-    roles = (getattr(source, "metadata", None) or {}).get("ideogram4.branches")
+    roles = (getattr(source, "metadata", None) or {}).get(layout.BRANCHES_KEY)
     return roles[0] if _is_str_list(roles) and len(roles) == 1 and roles[0] in BRANCH_ROLES else None
 
 
@@ -380,46 +366,38 @@ def _what_it_looks_like(source, keys: list[str]) -> str:
 
 
 def _official_names(source):
-    """diffusers split attention names -> fused official names; other layouts pass through unchanged."""
-    keys = source.keys()
-    if not any(_SPLIT_QKV.match(k) for k in keys):
+    """diffusers split attention names -> fused official names (quant_tools' `layout` rule); other layouts pass
+    through unchanged."""
+    names = layout.official_names(source.keys(), source.describe(), ModelFileError)
+    if not names.split:
         return source
-    renamed = source.renamed(lambda n: _SPLIT_OUT.sub(r"\1o.\2", n))
-    return FusedAttentionWeights(renamed)
+    renames = names.renames()
+    renamed = source.renamed(lambda n: renames.get(n, n)) if renames else source
+    return FusedAttentionWeights(renamed, names.fused) if names.fused else renamed
 
 
 class FusedAttentionWeights(WeightSource):
-    """A weight source whose diffusers `to_q/to_k/to_v` triples are seen as one fused `qkv` (rows concatenated).
+    """A weight source whose diffusers `to_q/to_k/to_v` triples are seen as one fused `qkv`.
 
-    The fused weight is a new dense tensor (the only copy the loader makes; split-name files are bf16 releases, so
-    this is a plain concatenation). Everything else is delegated to the wrapped `ops` source.
+    `fused` maps each official qkv name to its stored part names in row order (`layout.official_names`). The fused
+    weight is a new dense tensor (the only copy the loader makes; split-name files are bf16 releases, so this is a
+    plain concatenation). Everything else is delegated to the wrapped `ops` source.
     """
 
-    def __init__(self, base: WeightSource):
+    def __init__(self, base: WeightSource, fused: dict[str, tuple[str, ...]]):
         self.base = base
         self.path = base.describe()
         self.metadata = getattr(base, "metadata", {})
-        self._parts: dict[str, list[str]] = {}
-        names = []
-        for name in base.keys():
-            if m := _SPLIT_QKV.match(name):
-                self._parts.setdefault(m.group(1) + "qkv.weight", []).append(name)
-            else:
-                names.append(name)
-        for fused, parts in self._parts.items():
-            parts.sort(key=lambda n: "qkv".index(_SPLIT_QKV.match(n).group(2)))
-            if len(parts) != 3:
-                raise ModelFileError(f"{self.path}: {fused} needs to_q, to_k and to_v; found only "
-                                     f"{', '.join(quote(p) for p in parts)}.")
-        self._names = names + list(self._parts)
+        self._parts = dict(fused)
+        parts = {p for names in self._parts.values() for p in names}
+        self._names = [n for n in base.keys() if n not in parts] + list(self._parts)
 
     def keys(self):
         return list(self._names)
 
     def shape(self, name):
         if name in self._parts:
-            shapes = [self.base.shape(p) for p in self._parts[name]]
-            return (sum(s[0] for s in shapes), shapes[0][1])
+            return layout.fused_shape(name, [self.base.shape(p) for p in self._parts[name]], self.path, ModelFileError)
         return self.base.shape(name)
 
     def storage(self, name):
@@ -430,7 +408,7 @@ class FusedAttentionWeights(WeightSource):
 
     def _dense(self, name, dtype, device):
         if name in self._parts:
-            return torch.cat([self.base.tensor(p, dtype, device) for p in self._parts[name]], dim=0)
+            return torch.cat([self.base.tensor(p, dtype, device) for p in self._parts[name]], dim=layout.FUSED_AXIS)
         return self.base._dense(name, dtype, device)
 
     def packed(self, name):
@@ -439,15 +417,10 @@ class FusedAttentionWeights(WeightSource):
 
 def fuse_split_attention(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The same mapping on an in-memory state dict (diffusers model -> official names)."""
-    fused: dict[str, torch.Tensor] = {}
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    for name, tensor in tensors.items():
-        if m := _SPLIT_QKV.match(name):
-            parts.setdefault(m.group(1), {})[m.group(2)] = tensor
-        else:
-            fused[_SPLIT_OUT.sub(r"\1o.\2", name)] = tensor
-    for prefix, qkv in parts.items():
-        fused[prefix + "qkv.weight"] = torch.cat([qkv["q"], qkv["k"], qkv["v"]], dim=0)
+    names = layout.official_names(tensors, "the state dict", ModelFileError)
+    fused = {official: tensors[stored] for official, stored in names.single.items()}
+    for name, parts in names.fused.items():
+        fused[name] = torch.cat([tensors[p] for p in parts], dim=layout.FUSED_AXIS)
     return fused
 
 
@@ -461,14 +434,14 @@ StateDictWeights = StateDictSource
 
 def _metadata_config(source, label: str) -> dict:
     """`ideogram4.<field>` keys of our GGUFs (any field of Ideogram4Config): field -> (value, where it is from),
-    checked by `_config_from_weights` unless config_overrides replaces it."""
+    checked by `layout.config_from_shapes` unless config_overrides replaces it."""
     metadata = getattr(source, "metadata", None) or {}
-    return {f: (metadata[f"ideogram4.{f}"], f"{label}: its metadata ideogram4.{f}")
-            for f in Ideogram4Config.field_names() if f"ideogram4.{f}" in metadata}
+    return {f: (metadata[layout.metadata_key(f)], f"{label}: its metadata {layout.metadata_key(f)}")
+            for f in Ideogram4Config.field_names() if layout.metadata_key(f) in metadata}
 
 
 def _folder_config(folder: Path) -> dict:
-    """The RoPE settings of a diffusers `config.json` (official fp8 / bf16 releases ship one per branch)."""
+    """The settings of a diffusers `config.json` (official fp8 / bf16 releases ship one per branch)."""
     config_file = Path(folder) / "config.json"
     if not config_file.is_file():
         return {}
@@ -477,10 +450,7 @@ def _folder_config(folder: Path) -> dict:
     except (OSError, ValueError) as exc:
         raise ModelFileError(f"{config_file}: unreadable config.json ({quote(str(exc), 200)}). Download it "
                              "again.") from exc
-    if not isinstance(raw, dict):
-        raise ModelFileError(f"{config_file}: expected a JSON object, found {type(raw).__name__}. Download it again.")
-    return {ours: (raw[theirs], f"{config_file}: {theirs}")
-            for theirs, ours in DIFFUSERS_CONFIG_KEYS.items() if theirs in raw}
+    return layout.config_json_hints(raw, str(config_file), ModelFileError)
 
 
 def _checked_overrides(overrides) -> dict:
@@ -492,103 +462,22 @@ def _checked_overrides(overrides) -> dict:
     if unknown:
         raise ModelFileError(f"config_overrides: unknown field(s) {', '.join(quote(k) for k in unknown)}; the "
                              f"fields are {', '.join(Ideogram4Config.field_names())}.")
-    return {k: _config_value(k, v, f"config_overrides[{k!r}]") for k, v in overrides.items()}
-
-
-def _config_value(name: str, value, where: str):
-    """A config value from metadata, a config.json or the caller, in its Python type; a ModelFileError saying
-    `where` it came from, what it is and what it should be otherwise."""
-    def bad(expected):
-        advice = "" if where.startswith("config_overrides") else (
-            " The file's settings are damaged: download it again, or pass config_overrides with the right value.")
-        return ModelFileError(f"{where} is {quote(value)}; expected {expected}.{advice}")
-
-    def is_int(v):
-        return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-    def is_real(v):
-        return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-
-    if name in SIZE_FIELDS:
-        if not is_int(value) or not 1 <= value <= MAX_SIZE:
-            raise bad(f"an integer from 1 to {MAX_SIZE}")
-        return int(value)
-    if name == "rope_theta":
-        if not is_real(value) or not value > 1:
-            raise bad("a finite number above 1 (the published model uses 5e6)")
-        return float(value)
-    if name == "norm_eps":
-        if not is_real(value) or not 0 < value < 1:
-            raise bad("a number between 0 and 1 (the published model uses 1e-5)")
-        return float(value)
-    if name == "mrope_section":
-        if (not isinstance(value, (list, tuple)) or len(value) != 3
-                or not all(is_int(v) and 0 <= v <= MAX_SIZE for v in value)):
-            raise bad("three non-negative integers (the published model uses (24, 20, 20))")
-        return tuple(int(v) for v in value)
-    raise ModelFileError(f"{where}: {quote(name)} is not an Ideogram 4 DiT setting.")
-
-
-# The tensors the sizes are read from, with their rank: (name, rank, with_text only).
-SHAPE_TENSORS = (("input_proj.weight", 2, False), ("adaln_proj.weight", 2, False),
-                 ("layers.0.attention.norm_q.weight", 1, False), ("layers.0.feed_forward.w1.weight", 2, False),
-                 ("llm_cond_norm.weight", 1, True))
+    return {k: layout.checked_value(k, v, f"config_overrides[{k!r}]", ModelFileError) for k, v in overrides.items()}
 
 
 def _config_from_weights(source, hints: dict, overrides: dict, label: str, with_text: bool = True):
-    """Config from the tensor shapes; metadata / config.json fill in the RoPE settings and are cross-checked.
-    Then every tensor the model reads is checked against the shape this config gives it."""
-    keys = set(source.keys())
-    required = [name for name, _, text_only in SHAPE_TENSORS if with_text or not text_only]
-    missing = [name for name in required if name not in keys]
-    if missing:
-        raise ModelFileError(f"{label}: the Ideogram 4 DiT tensors {missing} are missing; the file is incomplete or "
-                             "not an Ideogram 4 DiT.")
-    shapes = {name: tuple(source.shape(name)) for name in required}
-    for name, rank, _ in SHAPE_TENSORS:
-        if name in shapes and (len(shapes[name]) != rank or 0 in shapes[name]):
-            raise ModelFileError(f"{label}: {name} has shape {shapes[name]}, expected {rank} non-zero dimension(s); "
-                                 "the file is corrupt or not an Ideogram 4 DiT.")
-    hidden, in_channels = shapes["input_proj.weight"]
-    head_dim = shapes["layers.0.attention.norm_q.weight"][0]
-    if hidden % head_dim:
-        raise ModelFileError(f"{label}: the attention norm width {head_dim} does not divide the hidden size {hidden}; "
-                             "the file is corrupt or not an Ideogram 4 DiT.")
-    from_shapes = dict(
-        hidden_size=hidden,
-        in_channels=in_channels,
-        num_layers=len({int(m.group(1)) for k in keys if (m := _LAYER_INDEX.match(k))}),
-        head_dim=head_dim,
-        num_heads=hidden // head_dim,
-        intermediate_size=shapes["layers.0.feed_forward.w1.weight"][0],
-        adaln_dim=shapes["adaln_proj.weight"][0],
-    )
-    if with_text:
-        from_shapes["llm_features_dim"] = shapes["llm_cond_norm.weight"][0]
-    for name, value in from_shapes.items():
-        if value > MAX_SIZE:
-            raise ModelFileError(f"{label}: the tensors give {name} = {value}, beyond any Ideogram 4 DiT (at most "
-                                 f"{MAX_SIZE}); the file is corrupt.")
-    hints = {name: _config_value(name, value, where) for name, (value, where) in hints.items()
-             if name not in overrides}
-    for name, value in hints.items():
-        if name in from_shapes and value != from_shapes[name]:
-            raise ModelFileError(f"{label}: the metadata says {name} = {value} but the tensors have "
-                                 f"{from_shapes[name]}; the file is inconsistent.")
-    values = {**{k: v for k, v in hints.items() if k not in from_shapes}, **from_shapes, **overrides}
-    try:
-        config = Ideogram4Config(**values)
-    except ModelFileError as exc:
-        raise ModelFileError(f"{label}: {exc} The file does not say its RoPE settings; pass config_overrides "
-                             "(e.g. mrope_section) for a non-standard model.") from exc
-
-    expected = _expected_shapes(config, with_text)
-    absent = [name for name in expected if name not in keys]
+    """Config from the tensor shapes; metadata / config.json fill in the RoPE settings and are cross-checked
+    (`layout.config_from_shapes`). Then every tensor the model reads is checked against the shape this config gives
+    it (tensors it does not read, such as an unconditional branch's `llm_cond_*`, may be there)."""
+    keys = source.keys()
+    config = layout.config_from_shapes(source.shape, keys, label, hints=hints, overrides=overrides,
+                                       with_text=with_text, config_class=Ideogram4Config,
+                                       override_option="config_overrides")
+    absent, _, wrong = layout.compare_tensors(keys, source.shape, config, with_text)
     if absent:
-        raise ModelFileError(f"{label}: {len(absent)} of the {len(expected)} Ideogram 4 DiT tensors are missing "
+        total = len(config.tensor_shapes(with_text))
+        raise ModelFileError(f"{label}: {len(absent)} of the {total} Ideogram 4 DiT tensors are missing "
                              f"(e.g. {', '.join(absent[:4])}); the file is incomplete or a different model.")
-    wrong = [(name, tuple(source.shape(name)), shape) for name, shape in expected.items()
-             if tuple(source.shape(name)) != shape]
     if wrong:
         name, got, want = wrong[0]
         raise ModelFileError(f"{label}: {len(wrong)} tensor(s) do not have the shape this model needs (e.g. {name} is "
@@ -596,12 +485,6 @@ def _config_from_weights(source, hints: dict, overrides: dict, label: str, with_
     return config
 
 
-def _expected_shapes(config: Ideogram4Config, with_text: bool) -> dict[str, tuple[int, ...]]:
-    """Official tensor name -> shape, from the model itself built on the meta device (no memory)."""
-    with torch.device("meta"):
-        return {name: tuple(p.shape) for name, p in Ideogram4DiT(config, with_text).named_parameters()}
-
-
 def _storage_counts(source, with_text: bool, config: Ideogram4Config) -> Counter:
-    names = [n for n in Ideogram4DiT.expected_tensor_names(config, with_text) if n.endswith(".weight")]
+    names = [n for n in config.tensor_shapes(with_text) if n.endswith(".weight")]
     return Counter(source.storage(n) for n in names)

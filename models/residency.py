@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import SamplingError
+from ..errors import SamplingError, quote
 from .dit import Ideogram4Config, Ideogram4DiT
 
 MEMORY_MODES = ("auto", "gpu", "stream_uncond", "cpu_offload")
@@ -40,6 +40,15 @@ STREAMED = {"gpu": (), "stream_uncond": ("uncond",), "cpu_offload": ("cond", "un
 DEFAULT_PREFETCH = 1
 # Share of the free device memory `auto` plans to use; the rest absorbs allocator fragmentation and estimate error.
 AUTO_HEADROOM = 0.9
+
+
+def check_memory_mode(mode) -> str:
+    """`mode` when it is one of MEMORY_MODES; else the one SamplingError every caller raises for it."""
+    if not isinstance(mode, str) or mode not in MEMORY_MODES:
+        # named as the loader node and load_model name the input
+        raise SamplingError(f"memory_mode {quote(mode)} is not one of {', '.join(MEMORY_MODES)}; pick one of those "
+                            "(docs/memory.md).")
+    return mode
 
 
 def _order(branch) -> tuple[tuple[str, ...], ...]:
@@ -538,8 +547,7 @@ def resolve_memory_mode(mode: str, cond_branch, uncond_branch, device, free_byte
     computed peak fits AUTO_HEADROOM of the free device memory (`free_bytes`, default: what CUDA reports free plus
     what these branches already hold on the device). On a CPU device "auto" is "gpu": everything stays resident.
     """
-    if mode not in MEMORY_MODES:
-        raise SamplingError(f"memory mode {mode!r} is not one of {', '.join(MEMORY_MODES)}.")
+    check_memory_mode(mode)
     device = torch.device(device)
     if mode != "auto":
         return mode
@@ -567,6 +575,7 @@ __all__ = [
     "Placement",
     "StreamStats",
     "branch_parameters",
+    "check_memory_mode",
     "estimate_peak_bytes",
     "place_branches",
     "resolve_memory_mode",

@@ -11,12 +11,14 @@ from .decode import IG4VAEDecode
 from .encode import IG4TextEncode
 from .json_prompt import IG4JsonPrompt
 from .latent_convert import IG4LatentToFlux2
-from .loader import IG4ModelLoader
+from .loader import IG4Loader, IG4LoaderAdvanced, IG4ModelLoader
 from .lora import IG4LoraLoader
-from .sampler import IG4Sampler
+from .sampler import IG4PresetSampler, IG4Sampler, IG4SamplerAdvanced
+from .upsample import IG4PromptUpsample
 
-NODES = [IG4ModelLoader, IG4LoraLoader, IG4TextEncode, IG4Sampler, IG4VAEDecode, IG4JsonPrompt, IG4LatentToFlux2,
-         *CORE_GRAPH_NODES]
+NODES = [IG4Loader, IG4LoaderAdvanced, IG4LoraLoader, IG4TextEncode, IG4PresetSampler, IG4SamplerAdvanced, IG4VAEDecode,
+         IG4JsonPrompt, IG4PromptUpsample, IG4LatentToFlux2, *CORE_GRAPH_NODES,
+         IG4ModelLoader, IG4Sampler]  # the last two: deprecated, for workflows saved before
 
 
 class Ideogram4Extension(ComfyExtension):

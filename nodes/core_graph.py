@@ -28,6 +28,7 @@ from ..sampler.presets import PRESETS, TERMINALS
 from ..sampler.schedule import guidance_schedule, official_sigmas
 from . import comfy_adapter as comfy
 from . import validation
+from .loader import file_inputs
 from .types import CORE_CATEGORY
 
 DEFAULT = PRESETS["default"]
@@ -49,11 +50,7 @@ class IG4CoreModelLoader(io.ComfyNode):
                         "pairs, fp8, bf16). Weights stay packed and decode per layer; core's samplers, guiders, "
                         "LoRA loaders and memory management work with them.",
             inputs=[
-                io.Combo.Input("dit_name", options=files,
-                               tooltip="The DiT file in models/diffusion_models: the two-branch ideogram4-q4_k.gguf, "
-                                       "or the conditional file of a pair."),
-                io.Combo.Input("uncond_name", options=[comfy.NONE_CHOICE] + files, default=comfy.NONE_CHOICE,
-                               tooltip="Only when dit_name holds one branch: the unconditional DiT file."),
+                *file_inputs(files),
                 io.Combo.Input("compute_dtype", options=list(CORE_DTYPES), default="auto",
                                tooltip="auto: what ComfyUI picks for this device (bf16 on recent GPUs, fp32 on the "
                                        "CPU). Core's Ideogram 4 model runs in bf16 or fp32 only."),

@@ -21,13 +21,14 @@ class IG4VAEDecode(io.ComfyNode):
         return io.Schema(
             node_id="IG4VAEDecode",
             display_name="VAE Decode (Ideogram4)",
+            search_aliases=["ideogram", "vae decode", "decode"],
             category=CATEGORY,
             description="Decodes an Ideogram 4 latent with the FLUX.2 VAE: official de-normalisation, patch-major "
                         "unpatchify, decoder. Large images decode in tiles when they would not fit free memory. "
                         "Also accepts core FLUX.2 latents (converted with the VAE file's own statistics).",
             inputs=[
                 io.Latent.Input("latent", tooltip="From Ideogram4 Sampler (or a core FLUX.2 latent)."),
-                io.Combo.Input("vae_name", options=comfy.model_files(comfy.VAE_FOLDER),
+                io.Combo.Input("vae_name", display_name="vae", options=comfy.model_files(comfy.VAE_FOLDER),
                                tooltip="The FLUX.2 VAE from models/vae: ComfyUI's flux2-vae.safetensors or the base "
                                        "repo's vae/diffusion_pytorch_model.safetensors."),
                 io.Combo.Input("tiled", options=TILED, default="auto",

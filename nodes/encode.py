@@ -24,12 +24,14 @@ class IG4TextEncode(io.ComfyNode):
         return io.Schema(
             node_id="IG4TextEncode",
             display_name="Qwen3-VL Encode",
+            search_aliases=["ideogram", "clip text encode", "text encode", "prompt", "qwen"],
             category=CATEGORY,
             description="Encodes the prompt with the Qwen3-VL-8B text encoder Ideogram 4 uses (13 hidden-state taps). "
                         "Best with a JSON caption (see Ideogram4 JSON Prompt); plain text works with a warning. The "
                         "encoder is loaded, run and freed unless keep_loaded is on.",
             inputs=[
-                io.Combo.Input("text_encoder", options=comfy.model_files(comfy.TEXT_ENCODER_FOLDER),
+                io.Combo.Input("text_encoder", display_name="encoder",
+                               options=comfy.model_files(comfy.TEXT_ENCODER_FOLDER),
                                tooltip="From models/text_encoders (or models/clip): a Qwen3-VL-8B GGUF (Q4_K_M "
                                        "needs ~4.5 GB), ComfyUI's qwen3vl_8b_fp8_scaled.safetensors, or the base "
                                        "repo's text_encoder (pick any shard)."),
@@ -42,9 +44,11 @@ class IG4TextEncode(io.ComfyNode):
                                        "always ComfyUI's bundled one."),
                 io.Combo.Input("compute_dtype", options=DTYPES, default="auto",
                                tooltip="auto: bf16 on recent GPUs, fp16 on older ones, fp32 on the CPU."),
-                io.Boolean.Input("keep_loaded", default=False,
-                                 tooltip="Keep the encoder in memory for the next prompt (ComfyUI's Unload Models "
-                                         "frees it). Off: freed right after encoding."),
+                io.Boolean.Input("keep_loaded", default=True,
+                                 tooltip="On: the encoder stays loaded for the next prompt while memory allows: "
+                                         "ComfyUI releases it when another model (the DiT) needs the room, and Unload "
+                                         "Models frees it. Editing the prompt then does not reload 8 GB. Off: freed "
+                                         "right after encoding (the lowest memory, a reload every time)."),
                 io.Boolean.Input("strict_json", default=False,
                                  tooltip="Refuse prompts that are not a valid Ideogram 4 JSON caption instead of "
                                          "warning."),
@@ -82,7 +86,7 @@ class IG4TextEncode(io.ComfyNode):
         return comfy.file_fingerprint(comfy.TEXT_ENCODER_FOLDER, text_encoder)
 
     @classmethod
-    def execute(cls, text_encoder, prompt, tokenizer="auto", compute_dtype="auto", keep_loaded=False,
+    def execute(cls, text_encoder, prompt, tokenizer="auto", compute_dtype="auto", keep_loaded=True,
                 strict_json=False, truncate=False):
         path = comfy.model_path(comfy.TEXT_ENCODER_FOLDER, text_encoder)
         device = comfy.torch_device()

@@ -17,6 +17,7 @@ class IG4JsonPrompt(io.ComfyNode):
         return io.Schema(
             node_id="IG4JsonPrompt",
             display_name="Ideogram4 JSON Prompt",
+            search_aliases=["ideogram", "json prompt", "caption", "prompt builder"],
             category=CATEGORY,
             description="Builds the minified JSON caption Ideogram 4 was trained on (high-level description, style, "
                         "background, elements with optional boxes and palettes) and checks it; problems are shown "

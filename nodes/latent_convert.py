@@ -18,13 +18,14 @@ class IG4LatentToFlux2(io.ComfyNode):
         return io.Schema(
             node_id="IG4LatentToFlux2",
             display_name="Ideogram4 Latent to FLUX.2 (core)",
+            search_aliases=["ideogram", "flux2 latent", "convert latent"],
             category=CATEGORY,
             description="Converts an Ideogram 4 latent (token channel order, official normalisation) into ComfyUI "
                         "core's FLUX.2 latent, normalised with the statistics of the VAE file core's VAE Decode will "
                         "use, so core decodes the same image as VAE Decode (Ideogram4) up to float rounding.",
             inputs=[
                 io.Latent.Input("latent", tooltip="From Ideogram4 Sampler."),
-                io.Combo.Input("vae_name", options=comfy.model_files(comfy.VAE_FOLDER),
+                io.Combo.Input("vae_name", display_name="vae", options=comfy.model_files(comfy.VAE_FOLDER),
                                tooltip="The FLUX.2 VAE that core's VAE Decode loads (its latent statistics are "
                                        "read from the file)."),
             ],

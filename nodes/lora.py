@@ -31,7 +31,7 @@ class IG4LoraLoader(io.ComfyNode):
                         "Chain several; a negative strength subtracts.",
             inputs=[
                 Ideogram4Model.Input("model", tooltip="From Ideogram4 Q4_K Loader or another Ideogram4 LoRA."),
-                io.Combo.Input("lora_name", options=comfy.model_files(comfy.LORA_FOLDER),
+                io.Combo.Input("lora_name", display_name="lora", options=comfy.model_files(comfy.LORA_FOLDER),
                                tooltip="A LoRA for Ideogram 4 in models/loras (.safetensors)."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="How much of the LoRA: 1 = as trained, 0 = off, negative = the opposite."),

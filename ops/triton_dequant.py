@@ -21,10 +21,13 @@ from gguf import GGMLQuantizationType as Q
 
 # Launch shape: GGUF blocks decoded by one program (a power of two) and warps per program. Chosen without a GPU,
 # from the compiled code (`bench/triton_sass.py`): 16 blocks per program issue 0.305 warp instructions per Q4_K
-# weight on sm_90, 8 blocks 0.365 (the scale unpacking is shared by more weights). `bench/bench_pipeline.py
-# --sections bandwidth` sweeps both on the GPU it runs on (docs/PERF.md).
+# weight on sm_90, 8 blocks 0.365 (the scale unpacking is shared by more weights). The benchmark's bandwidth
+# stage times other shapes and kernels against this one on the GPU it runs on (`bench/triton_variants.py`,
+# docs/PERF.md).
 BLOCKS_PER_PROGRAM = 16
 NUM_WARPS = 4
+# The types with a kernel, and its name in _triton_kernels.py.
+KERNEL_NAMES = {Q.Q4_K: "q4_k", Q.Q6_K: "q6_k", Q.Q8_0: "q8_0"}
 
 
 def available() -> bool:
@@ -42,7 +45,7 @@ def _interpreting() -> bool:
 def can_run(packed: torch.Tensor, qtype, kernel: str = "auto") -> bool:
     """Whether the Triton kernel will decode this tensor; with kernel="triton", say why not (once)."""
     reason = None
-    if Q(qtype) not in _KERNEL_NAMES:
+    if Q(qtype) not in KERNEL_NAMES:
         reason = f"no Triton kernel for {Q(qtype).name}"
     elif packed.numel() * 2 >= 2**31:
         reason = "tensor too large for the kernels' 32-bit offsets"
@@ -55,34 +58,19 @@ def can_run(packed: torch.Tensor, qtype, kernel: str = "auto") -> bool:
     return reason is None
 
 
-def dequantize(packed: torch.Tensor, qtype, shape, dtype=torch.float32, *, blocks_per_program: int | None = None,
-               num_warps: int | None = None, variant: str | None = None) -> torch.Tensor:
-    """Decode `packed` (GGUF blocks of `qtype`, contiguous) into a new tensor of `shape` and `dtype`.
-
-    variant: None for the type's kernel; "gather" picks the first Q4_K kernel (VARIANTS), kept for the benchmark.
-    """
+def dequantize(packed: torch.Tensor, qtype, shape, dtype=torch.float32) -> torch.Tensor:
+    """Decode `packed` (GGUF blocks of `qtype`, contiguous) into a new tensor of `shape` and `dtype`."""
     qtype = Q(qtype)
-    blocks_per_program = blocks_per_program or BLOCKS_PER_PROGRAM
-    if blocks_per_program & (blocks_per_program - 1):
-        raise ValueError(f"blocks_per_program must be a power of two, got {blocks_per_program}")
-    n_weights = math.prod(shape)
-    block_size = 32 if qtype == Q.Q8_0 else 256
-    n_blocks = n_weights // block_size
+    n_blocks = math.prod(shape) // (32 if qtype == Q.Q8_0 else 256)
     out = torch.empty(tuple(shape), dtype=dtype, device=packed.device)
-    if variant is not None and (qtype, variant) not in VARIANTS:
-        raise ValueError(f"no {variant!r} Triton kernel for {qtype.name}")
-    kernel = _kernels()[(qtype, variant) if variant else qtype]
-    grid = (-(-n_blocks // blocks_per_program),)
     out_bf16 = dtype == torch.bfloat16
     target = out.view(torch.int16) if out_bf16 else out
-    kernel[grid](packed.reshape(-1), target.reshape(-1), n_blocks, BLOCKS=blocks_per_program, OUT_BF16=out_bf16,
-                 BY_HAND=_interpreting(), num_warps=num_warps or NUM_WARPS, enable_fp_fusion=True)
+    grid = (-(-n_blocks // BLOCKS_PER_PROGRAM),)
+    _kernels()[qtype][grid](packed.reshape(-1), target.reshape(-1), n_blocks, BLOCKS=BLOCKS_PER_PROGRAM,
+                            OUT_BF16=out_bf16, BY_HAND=_interpreting(), num_warps=NUM_WARPS, enable_fp_fusion=True)
     return out
 
 
-_KERNEL_NAMES = {Q.Q4_K: "q4_k", Q.Q6_K: "q6_k", Q.Q8_0: "q8_0"}
-# Other kernels for a type, by name: the benchmark times them against the default (docs/PERF.md).
-VARIANTS = {(Q.Q4_K, "gather")}
 _warned = set()
 
 
@@ -100,4 +88,4 @@ def _kernels():
     from . import _triton_kernels as k
 
     k = importlib.reload(k)
-    return {Q.Q4_K: k.q4_k, Q.Q6_K: k.q6_k, Q.Q8_0: k.q8_0, (Q.Q4_K, "gather"): k.q4_k_gather}
+    return {qtype: getattr(k, name) for qtype, name in KERNEL_NAMES.items()}

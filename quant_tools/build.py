@@ -30,12 +30,10 @@ import gguf
 import numpy as np
 
 from . import __version__
-from .config import METADATA_KEYS
 from .errors import QuantToolError
+from .layout import ARCH, BRANCH_PREFIXES, BRANCH_PREFIXES_KEY, BRANCHES_KEY, CONFIG_METADATA, metadata_key
 from .quants import F32, default_threads, get_qtype, quantize
 
-ARCH = "ideogram4"
-TWO_BRANCH_PREFIXES = {"conditional": "conditional_transformer.", "unconditional": "unconditional_transformer."}
 CHUNK_WEIGHTS = 1 << 22  # 4 M weights = 16 MB of float32 per chunk
 _HASH_PLACEHOLDER = "0" * 64
 _F16_MAX = F32(65504)
@@ -68,7 +66,7 @@ def plan(branches, recipe, bare_names=False):
         raise QuantToolError("bare tensor names are only possible for a single-branch file")
     planned = []
     for branch in branches:
-        prefix = "" if bare_names else TWO_BRANCH_PREFIXES[branch.role]
+        prefix = "" if bare_names else BRANCH_PREFIXES[branch.role]
         for name, source in branch.tensors.items():
             decision = recipe.decide(name, source.shape)
             planned.append(PlannedTensor(prefix + name, branch.role, source, get_qtype(decision.qtype), decision.rule))
@@ -144,11 +142,11 @@ def _add_metadata(writer, branches, recipe, bare_names, hash_labels):
     config = branches[0].config
     writer.add_name("Ideogram 4 DiT" + (f" ({branches[0].role})" if len(branches) == 1 else " (both CFG branches)"))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    for suffix, (field, kind) in METADATA_KEYS.items():
-        _ADD_VALUE[kind](writer, f"{ARCH}.{suffix}", getattr(config, field))
-    writer.add_array(f"{ARCH}.branches", [b.role for b in branches])
+    for field, kind in CONFIG_METADATA.items():
+        _ADD_VALUE[kind](writer, metadata_key(field), getattr(config, field))
+    writer.add_array(BRANCHES_KEY, [b.role for b in branches])
     if not bare_names:
-        writer.add_array(f"{ARCH}.branch_prefixes", [TWO_BRANCH_PREFIXES[b.role] for b in branches])
+        writer.add_array(BRANCH_PREFIXES_KEY, [BRANCH_PREFIXES[b.role] for b in branches])
     writer.add_string(f"{ARCH}.recipe_name", recipe.name)
     writer.add_string(f"{ARCH}.recipe", recipe.to_json())
     writer.add_string(f"{ARCH}.quant_tools_version", __version__)

@@ -125,7 +125,7 @@ def _inspect(args):
 
 def _recipes(args):
     from .build import plan, type_histogram
-    from .config import FULL_SIZE
+    from .layout import FULL_SIZE
     from .recipe import Recipe, shipped_names
 
     class _Shape:  # the full-size tensor table, without weights, to size each recipe

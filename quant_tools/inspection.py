@@ -3,9 +3,9 @@
 import re
 from collections import Counter
 
-from .config import METADATA_KEYS
 from .errors import QuantToolError
 from .gguf_file import GGUFFile
+from .layout import ARCH_TENSOR, CONFIG_METADATA, metadata_key
 from .recipe import Recipe
 
 _LAYER_INDEX = re.compile(r"(^|\.)layers\.\d+\.")
@@ -17,8 +17,8 @@ def _gb(n):
 
 def _show(value, limit=200):
     """A metadata value for the report, on one line and cut to `limit` characters (a damaged file can hold
-    megabytes in one string)."""
-    text = value if isinstance(value, str) else repr(value)
+    megabytes in one string). None: a value gguf-py could not decode."""
+    text = value if isinstance(value, str) else "<unreadable>" if value is None else repr(value)
     text = text.replace("\n", "\\n")
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
@@ -47,7 +47,7 @@ def inspect_file(path, show_all=False, recipe=None, out=print):
     if "ideogram4.quant_tools_version" in md:
         out(f"written by quant_tools {_show(md['ideogram4.quant_tools_version'])}, recipe "
             f"{_show(md.get('ideogram4.recipe_name', '?'))}")
-    config = [f"{k} {_show(md[f'ideogram4.{k}'])}" for k in METADATA_KEYS if f"ideogram4.{k}" in md]
+    config = [f"{k} {_show(md[metadata_key(k)])}" for k in CONFIG_METADATA if metadata_key(k) in md]
     if config:
         out("config: " + ", ".join(config))
     for line in _lines(md.get("ideogram4.source_format")):
@@ -57,8 +57,8 @@ def inspect_file(path, show_all=False, recipe=None, out=print):
         out(f"sha256: {_show(digest)}  {_show(label)}")
 
     groups = gf.branches()
-    if not any(t.name.endswith("embed_image_indicator.weight") for t in gf.tensors):
-        out("warning: no embed_image_indicator.weight: this does not look like an Ideogram 4 transformer")
+    if not any(t.name.endswith(ARCH_TENSOR) for t in gf.tensors):
+        out(f"warning: no {ARCH_TENSOR}: this does not look like an Ideogram 4 transformer")
     out("branches: " + ", ".join(f"{prefix or '(bare names)'} {len(ts)} tensors" for prefix, ts in groups.items()))
 
     counts, sizes = Counter(), Counter()
@@ -98,5 +98,5 @@ def _tensor_table(gf, rec, show_all, out):
 
 
 def expect_ideogram4(gf):
-    if not any(t.name.endswith("embed_image_indicator.weight") for t in gf.tensors):
-        raise QuantToolError(f"{gf.path} is not an Ideogram 4 GGUF (no embed_image_indicator.weight)")
+    if not any(t.name.endswith(ARCH_TENSOR) for t in gf.tensors):
+        raise QuantToolError(f"{gf.path} is not an Ideogram 4 GGUF (no {ARCH_TENSOR})")

@@ -12,32 +12,36 @@ Tensor storage: float8 e4m3fn weights with a `weight_scale` (per output row in t
 ComfyUI's scaled fp8), bf16, fp16 or fp32. fp8 weights are dequantized as `fp8 * weight_scale[:, None]` in float32
 (the official runtime multiplies in bf16; the fp32 product is the most precise value the release defines).
 Names: official fused `attention.qkv` / `attention.o`, or diffusers' `to_q/to_k/to_v/to_out.0`, fused here by
-row concatenation (q rows, then k, then v), which is exact.
+the rule of `layout` (rows of q, then k, then v, read part by part), which is exact.
 """
 
 import json
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from .config import check_tensors, config_from_json, config_from_shapes
 from .errors import QuantToolError
+from .layout import (
+    ARCH_TENSOR,
+    BRANCH_FOLDERS,
+    BRANCH_ROLES,
+    compare_tensors,
+    config_from_shapes,
+    config_json_hints,
+    fused_shape,
+    official_names,
+)
 from .safetensors_io import DTYPES, open_many
 
-BRANCHES = ("conditional", "unconditional")
-REPO_SUBFOLDERS = {"conditional": "transformer", "unconditional": "unconditional_transformer"}
 BRANCH_ALIASES = {"cond": "conditional", "conditional": "conditional", "uncond": "unconditional",
                   "unconditional": "unconditional"}
-INDICATOR = "embed_image_indicator.weight"  # the arch-detection key: no other model has it
 
 _SCALE_SUFFIXES = (".weight_scale", ".scale_weight")  # official fp8 / ComfyUI scaled fp8 (new, old)
 _IGNORED_SUFFIXES = (".input_scale", ".scale_input", ".comfy_quant")  # activation scales, ComfyUI quant tags
 _IGNORED_NAMES = {"scaled_fp8", "rotary_emb.inv_freq"}
-_SPLIT_ATTENTION = re.compile(r"^(layers\.\d+\.attention)\.(to_q|to_k|to_v|to_out\.0)\.weight$")
 
 
 @dataclass
@@ -177,23 +181,23 @@ def _collect(files, where):
                 raise QuantToolError(f"{where}: tensor {key!r} is stored twice ({owner[key].path}, {f.path})")
             owner[key] = f
 
-    indicators = [key for key in owner if key == INDICATOR or key.endswith("." + INDICATOR)]
+    indicators = [key for key in owner if key == ARCH_TENSOR or key.endswith("." + ARCH_TENSOR)]
     if not indicators:
         sample = ", ".join(list(owner)[:5])
         raise QuantToolError(
-            f"{where} is not an Ideogram 4 transformer: it has no {INDICATOR} (found {len(owner)} tensors, e.g. "
+            f"{where} is not an Ideogram 4 transformer: it has no {ARCH_TENSOR} (found {len(owner)} tensors, e.g. "
             f"{sample}). Pass the transformer weights (transformer/ or unconditional_transformer/), not the text "
             "encoder or VAE"
         )
     if len(indicators) > 1:
         raise QuantToolError(f"{where} holds {len(indicators)} transformers ({', '.join(indicators)}); pass one per branch")
-    prefix = indicators[0][: -len(INDICATOR)]
+    prefix = indicators[0][: -len(ARCH_TENSOR)]
     nf4 = [key for key in owner if key.endswith((".absmax", ".quant_map")) or ".quant_state." in key]
     if nf4:
         raise QuantToolError(f"{where} is a bitsandbytes NF4 checkpoint ({nf4[0]}, ...); quant_tools reads the fp8, "
                              "bf16, fp16 or fp32 releases (e.g. ideogram-ai/ideogram-4-fp8)")
 
-    plain, scales, split, ignored, foreign = {}, {}, {}, [], []
+    weights, scales, ignored, foreign = {}, {}, [], []
     for key in owner:
         if not key.startswith(prefix):
             foreign.append(key)
@@ -203,47 +207,33 @@ def _collect(files, where):
             scales[local.rsplit(".", 1)[0] + ".weight"] = key
         elif local.endswith(_IGNORED_SUFFIXES) or local in _IGNORED_NAMES:
             ignored.append(key)
-        elif m := _SPLIT_ATTENTION.match(local):
-            split.setdefault(m.group(1), {})[m.group(2)] = key
         else:
-            plain[local] = key
+            weights[local] = key
     if foreign:
         raise QuantToolError(f"{where}: {len(foreign)} tensor(s) outside the transformer prefix '{prefix}', "
                              f"e.g. {', '.join(foreign[:4])}; pass a file that holds one transformer only")
 
-    def part(local, key):
-        f = owner[key]
-        entry = f.entries[key]
+    def part(local):
+        key = weights[local]
+        entry = owner[key].entries[key]
         scale_key = scales.pop(local, None)
         if scale_key is not None:
             n_scale = owner[scale_key].entries[scale_key].numel
             if n_scale not in (1, entry.shape[0] if entry.shape else 1):
                 raise QuantToolError(f"{where}: {scale_key} has {n_scale} values for {entry.shape[0]} rows of {key}")
-        return Part(f, key, entry.shape[0] if entry.shape else 1, scale_key, owner.get(scale_key))
+        return Part(owner[key], key, entry.shape[0] if entry.shape else 1, scale_key, owner.get(scale_key))
 
-    tensors = {}
-    for local, key in plain.items():
-        tensors[local] = TensorSource(local, tuple(owner[key].entries[key].shape), [part(local, key)])
-    for attention, parts in split.items():
-        qkv = [parts.get(k) for k in ("to_q", "to_k", "to_v")]
-        if any(qkv):
-            if not all(qkv):
-                raise QuantToolError(f"{where}: {attention} has only some of to_q/to_k/to_v")
-            if attention + ".qkv.weight" in tensors:
-                raise QuantToolError(f"{where}: {attention} is stored both fused (qkv) and split (to_q/to_k/to_v)")
-            pieces = [part(f"{attention}.{k}.weight", key) for k, key in zip(("to_q", "to_k", "to_v"), qkv)]
-            widths = {owner[key].entries[key].shape[1:] for key in qkv}
-            if len(widths) != 1:
-                raise QuantToolError(f"{where}: {attention}.to_q/to_k/to_v have different widths {widths}")
-            rows = sum(p.rows for p in pieces)
-            tensors[attention + ".qkv.weight"] = TensorSource(attention + ".qkv.weight", (rows,) + widths.pop(), pieces)
-        if "to_out.0" in parts:
-            if attention + ".o.weight" in tensors:
-                raise QuantToolError(f"{where}: {attention} is stored both as o and to_out.0")
-            key = parts["to_out.0"]
-            tensors[attention + ".o.weight"] = TensorSource(
-                attention + ".o.weight", tuple(owner[key].entries[key].shape), [part(f"{attention}.to_out.0.weight", key)]
-            )
+    def stored_shape(local):
+        key = weights[local]
+        return tuple(owner[key].entries[key].shape)
+
+    names = official_names(weights, where)
+    tensors = {official: TensorSource(official, stored_shape(local), [part(local)])
+               for official, local in names.single.items()}
+    for qkv, locals_ in names.fused.items():
+        # the fused tensor reads its parts one after the other: rows of to_q, then to_k, then to_v
+        shape = fused_shape(qkv, [stored_shape(local) for local in locals_], where)
+        tensors[qkv] = TensorSource(qkv, shape, [part(local) for local in locals_])
     if scales:
         raise QuantToolError(f"{where}: weight scale(s) without a weight: {', '.join(list(scales.values())[:4])}")
     unreadable = [f"{p.key} ({p.file.entries[p.key].dtype})" for t in tensors.values() for p in t.parts
@@ -254,7 +244,7 @@ def _collect(files, where):
             f"{', '.join(unreadable[:3])}; it reads float8 e4m3fn/e5m2 (+ weight_scale), bf16, fp16 and fp32 "
             "(int8, nvfp4 and other quantized releases cannot be re-quantized)"
         )
-    naming = "diffusers split attention names (fused to qkv / o)" if split else "official fused names"
+    naming = "diffusers split attention names (fused to qkv / o)" if names.split else "official fused names"
     return tensors, prefix, naming, ignored
 
 
@@ -265,18 +255,12 @@ def open_branch(path, role, layout_words=None):
     where = f"{role} transformer {path}"
     try:
         tensors, prefix, naming, ignored = _collect(files, where)
-        shapes = {name: t.shape for name, t in tensors.items()}
-        from_shapes = config_from_shapes(shapes, "tensor shapes")
-        config = from_shapes
+        hints, origin = {}, "tensor shapes"
         if config_path is not None:
-            data = _read_json(config_path)
-            if "Ideogram4" in data.get("_class_name", "") or "llm_features_dim" in data:
-                config = config_from_json(data, str(config_path))
-                diffs = [d for d in config.differences(from_shapes)
-                         if d.split(":")[0] not in ("rope_theta", "mrope_section", "norm_eps")]
-                if diffs:
-                    raise QuantToolError(f"{where}: {config_path} disagrees with the tensor shapes ({'; '.join(diffs)})")
-        check_tensors(shapes, config, where)
+            hints = config_json_hints(_read_json(config_path), str(config_path))
+            origin += f" + {config_path}" if hints else ""
+        config = config_from_shapes(lambda name: tensors[name].shape, tensors, where, hints=hints, origin=origin)
+        _check_tensors(tensors, config, where)
         ordered = {name: tensors[name] for name in config.tensor_shapes()}
     except BaseException:
         for f in files:
@@ -285,8 +269,31 @@ def open_branch(path, role, layout_words=None):
     return BranchSource(role, Path(path), layout_words or layout, files, ordered, config, prefix, naming, ignored)
 
 
+def _check_tensors(tensors, config, where):
+    """QuantToolError unless the branch holds exactly the config's tensor table (both branches keep llm_cond_*)."""
+    missing, unexpected, wrong = compare_tensors(tensors, lambda name: tensors[name].shape, config)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensor(s) missing: {_some(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s): {_some(unexpected)}")
+    if wrong:
+        problems.append(f"{len(wrong)} shape(s) disagree with the config: "
+                        + _some([f"{name}: {got} (expected {want})" for name, got, want in wrong]))
+    if problems:
+        raise QuantToolError(
+            f"{where} is not a complete Ideogram 4 transformer with config ({config.describe()}; from "
+            f"{config.origin}): " + "; ".join(problems)
+        )
+
+
+def _some(items, limit=6):
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
 def _is_repo_root(path):
-    return Path(path).is_dir() and any((Path(path) / sub).is_dir() for sub in REPO_SUBFOLDERS.values())
+    return Path(path).is_dir() and any((Path(path) / sub).is_dir() for sub in BRANCH_FOLDERS.values())
 
 
 def open_branches(source, source_uncond=None, single_branch=None):
@@ -300,18 +307,18 @@ def open_branches(source, source_uncond=None, single_branch=None):
         raise QuantToolError(f"--source {source}: no such file or folder")
     if source_uncond is not None and not Path(source_uncond).exists():
         raise QuantToolError(f"--source-uncond {source_uncond}: no such file or folder")
-    roles = BRANCHES if single_branch is None else (BRANCH_ALIASES[single_branch],)
+    roles = BRANCH_ROLES if single_branch is None else (BRANCH_ALIASES[single_branch],)
 
     paths = {}
     if _is_repo_root(source):
         for role in roles:
-            sub = source / REPO_SUBFOLDERS[role]
+            sub = source / BRANCH_FOLDERS[role]
             if not sub.is_dir():
                 raise QuantToolError(
-                    f"{source} has no {REPO_SUBFOLDERS[role]}/ folder: the {role} transformer is missing from this "
+                    f"{source} has no {BRANCH_FOLDERS[role]}/ folder: the {role} transformer is missing from this "
                     "download (the official repos ship transformer/ and unconditional_transformer/)"
                 )
-            paths[role] = (sub, "repo folder " + REPO_SUBFOLDERS[role] + "/")
+            paths[role] = (sub, "repo folder " + BRANCH_FOLDERS[role] + "/")
         if source_uncond is not None and single_branch is None:
             raise QuantToolError(f"--source {source} is a full repo folder with both branches; drop --source-uncond")
     elif single_branch is None:

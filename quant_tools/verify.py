@@ -19,6 +19,7 @@ from .build import CHUNK_WEIGHTS, plan
 from .errors import QuantToolError
 from .gguf_file import GGUFFile
 from .inspection import expect_ideogram4
+from .layout import BRANCHES_KEY
 from .quants import F32, dequantize, quantize
 from .recipe import Recipe
 from .sources import open_branches
@@ -31,7 +32,7 @@ REL_RMSE_LIMIT = {"F32": 0.0, "F16": 1e-3, "BF16": 5e-3, "Q8_0": 0.02, "Q6_K": 0
 
 def _file_layout(gf):
     """(single_branch role or None, bare_names) from the file's metadata or tensor names."""
-    roles = gf.metadata.get("ideogram4.branches")
+    roles = gf.metadata.get(BRANCHES_KEY)
     groups = gf.branches()
     bare = "" in groups
     if roles and len(roles) == 1:

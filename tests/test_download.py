@@ -85,3 +85,23 @@ def test_declined_confirmation_fetches_nothing(tmp_path, hub):
     with pytest.raises(dl.DownloadError, match="cancelled"):
         dl.download(tmp_path, log=lambda *_: None, api=hub, fetch=hub.fetch, ask=lambda _: "n")
     assert hub.fetched == []
+
+
+def test_download_errors_belong_to_the_pack_hierarchy(tmp_path, hub):
+    from ideogram4_gguf import errors
+
+    assert dl.DownloadError is errors.DownloadError and issubclass(dl.DownloadError, errors.Ideogram4Error)
+    hub.gated.add(dl.DIT_REPO)
+    with pytest.raises(errors.Ideogram4Error, match="gated"):
+        dl.plan_downloads(tmp_path, include_base=False, api=hub)
+
+
+def test_the_command_line_reports_a_download_error_in_one_line(tmp_path, monkeypatch, capsys):
+    from ideogram4_gguf.cli import main
+
+    def refuse(*args, **kwargs):
+        raise dl.DownloadError("cancelled")
+
+    monkeypatch.setattr(dl, "download", refuse)
+    assert main(["download", "--models-dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == "error: cancelled\n"

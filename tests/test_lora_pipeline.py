@@ -94,3 +94,4 @@ def test_generate_refuses_a_bad_lora_before_loading_the_dit(demo_models, tmp_pat
             "--vae", str(demo_models.vae), "--device", "cpu", "--lora", str(tmp_path / "bad.safetensors")]
     assert main(args) == 1
     assert "bad.safetensors" in capsys.readouterr().err
+

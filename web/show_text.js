@@ -3,7 +3,7 @@
 // text-preview widgets to ours.
 import { app } from "../../scripts/app.js";
 
-const NODES_WITH_TEXT = new Set(["IG4TextEncode", "IG4JsonPrompt"]);
+const NODES_WITH_TEXT = new Set(["IG4TextEncode", "IG4JsonPrompt", "IG4LoraLoader", "IG4PromptUpsample"]);
 
 app.registerExtension({
   name: "ideogram4_gguf.ShowText",

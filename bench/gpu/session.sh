@@ -29,6 +29,11 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+# The benchmarks import the pack by its installed name (bench/README.md); nothing installs it on the GPU machine,
+# so a link named ideogram4_gguf to this checkout goes first on the path.
+PACK_LINK=${TMPDIR:-/tmp}/ideogram4_pack
+mkdir -p "$PACK_LINK" && ln -sfn "$PWD" "$PACK_LINK/ideogram4_gguf" \
+    && export PYTHONPATH=$PACK_LINK${PYTHONPATH:+:$PYTHONPATH}
 
 stage() {  # stage NAME COMMAND...: run it, tee its log into $RESULTS, record its wall time and exit status
     local name=$1; shift
@@ -45,9 +50,9 @@ bench() { $PY bench/bench_pipeline.py "$@"; }
 
 for s in "${stages[@]}"; do
     case $s in
-        env) stage env bash -c "nvidia-smi; $PY -c 'import torch, triton, gguf; print(torch.__version__, \
-torch.version.cuda, torch.cuda.get_device_name(), triton.__version__)'; $PY -c 'import bitsandbytes as b; \
-print(\"bitsandbytes\", b.__version__)'; df -h . /tmp ~; free -g; nproc" ;;
+        env) stage env bash -c "nvidia-smi; $PY -c 'import torch, triton, gguf, ideogram4_gguf; \
+print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(), triton.__version__)'; \
+$PY -c 'import bitsandbytes as b; print(\"bitsandbytes\", b.__version__)'; df -h . /tmp ~; free -g; nproc" ;;
         tests) stage tests $PY -m pytest -q -p no:cacheprovider -rs tests/ops/test_cuda_kernels.py \
             tests/ops/test_dequant.py tests/ops/test_linear.py tests/ops/test_triton_dequant.py \
             tests/models/test_residency.py tests/bench tests/test_pipeline.py ;;

@@ -6,12 +6,13 @@ each layer handed its own weight); the overlap itself is measured on a GPU by th
 
 import pytest
 import torch
-from ideogram4_gguf.bench import synthetic
-from ideogram4_gguf.bench.dequant_ahead import DequantAhead
 from ideogram4_gguf.models.dit_loader import load_dit_branches
 from ideogram4_gguf.ops import QuantLinear
 from ideogram4_gguf.sampler.flow import sample
 from ideogram4_gguf.sampler.presets import sampler_settings
+
+import synthetic
+from dequant_ahead import DequantAhead
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 

@@ -8,7 +8,8 @@ import shutil
 import subprocess
 
 import pytest
-from ideogram4_gguf.bench import pipeline
+
+import bench_pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu" / "session.sh"
@@ -33,9 +34,9 @@ def test_bench_stages_parse(tmp_path):
     assert {name for name, _ in stages} == {"bandwidth", "q4k", "dense", "memory", "card12", "card8"}
     for name, args in stages:
         argv = shlex.split(args.replace("$RESULTS", str(tmp_path)))
-        parsed = pipeline._parse(argv)
+        parsed = bench_pipeline._parse(argv)
         assert parsed.json == tmp_path / f"{name}.json"
-    parse = {name: pipeline._parse(shlex.split(args.replace("$RESULTS", str(tmp_path)))) for name, args in stages}
+    parse = {name: bench_pipeline._parse(shlex.split(args.replace("$RESULTS", str(tmp_path)))) for name, args in stages}
     assert set(parse["dense"].formats) == {"q4_k", "bf16", "nf4"}  # the baselines run beside Q4_K in one run
     # the VRAM targets: both branches resident on a 12 GB card, the unconditional one streamed on an 8 GB card
     assert (parse["card12"].modes, parse["card12"].card_gb, parse["card12"].memory_sizes) == (["gpu"], 12, [1024])
@@ -62,3 +63,23 @@ def test_results_come_back_as_two_files(tmp_path):
         names = {name.lstrip("./") for name in archive.getnames()}
     assert {"env.log", "stages.txt"} <= names
     assert (out / "stages.txt").read_text().count("=== env: rc 0") == 2
+
+
+def test_the_checkout_is_the_pack_the_stages_import(tmp_path):
+    # nothing installs the pack on the GPU machine: the script links the checkout in as `ideogram4_gguf`
+    # (python -S: no site-packages, so an installed copy cannot answer instead)
+    import sys
+    import tarfile
+
+    stub = tmp_path / "py"
+    stub.write_text(f"#!/bin/sh\nexec {sys.executable} -S -c 'import os, ideogram4_gguf; "
+                    "print(\"PACK\", os.path.realpath(ideogram4_gguf.__path__[0]))'\n")
+    stub.chmod(0o755)
+    out = tmp_path / "out"
+    run = subprocess.run(["bash", str(SCRIPT), "env"], cwd=ROOT, capture_output=True, text=True,
+                         env={"OUT": str(out), "RESULTS": str(tmp_path / "results"), "TMPDIR": str(tmp_path),
+                              "PATH": "/usr/bin:/bin", "PY": str(stub)})
+    assert run.returncode == 0, run.stderr
+    with tarfile.open(out / "results.tar.gz") as archive:
+        log = archive.extractfile("./env.log").read().decode()
+    assert f"PACK {ROOT.resolve()}" in log

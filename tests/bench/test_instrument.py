@@ -4,7 +4,8 @@ once, and bitsandbytes' 4-bit matmul is split into decode and GEMM when it calls
 import types
 
 import torch
-from ideogram4_gguf.bench.instrument import FUSED_4BIT, Breakdown, Clock
+
+from instrument import FUSED_4BIT, Breakdown, Clock
 
 
 class FakeClock(Clock):

@@ -1,4 +1,4 @@
-"""The pipeline benchmark harness (bench/pipeline.py) end to end on the CPU with the tiny synthetic model.
+"""The pipeline benchmark harness (bench/bench_pipeline.py) end to end on the CPU with the tiny synthetic model.
 
 Checks that every field of the JSON is present and sane (it never asserts timings): positive times, a breakdown
 that fits inside its step, streamed modes bit-identical to the resident one, bf16 dense within bf16 rounding of
@@ -12,7 +12,8 @@ import json
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from ideogram4_gguf.bench import pipeline
+
+import bench_pipeline
 
 MODES = ("gpu", "stream_uncond", "cpu_offload")
 
@@ -24,7 +25,7 @@ def run_tiny_bench(folder, *options) -> dict:
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):
-            pipeline.main(["--model", "tiny", "--device", "cpu", "--threads", "1", "--text-tokens", "16",
+            bench_pipeline.main(["--model", "tiny", "--device", "cpu", "--threads", "1", "--text-tokens", "16",
                            "--cache-dir", str(folder / "cache"), "--json", str(out), *options])
     finally:
         torch.set_num_threads(threads)
@@ -39,7 +40,7 @@ def report(tmp_path_factory):
 
 
 def test_header_files_and_skips(report):
-    assert report["schema"] == pipeline.SCHEMA
+    assert report["schema"] == bench_pipeline.SCHEMA
     assert report["machine"]["device"] == "cpu" and report["machine"]["torch"] == torch.__version__
     assert report["options"]["model"] == "tiny" and report["options"]["width"] == 256
     assert report["files"]["q4_k"]["bytes"] > 0 and report["files"]["bf16"]["bytes"] > 0
@@ -132,8 +133,9 @@ def test_triton_launch_sweep(monkeypatch, report):
     # On a GPU the bandwidth section also times every Triton launch shape; here the kernel runs under Triton's
     # interpreter on the CPU (tiny size, two shapes) to exercise that path and its equality check.
     pytest.importorskip("triton")
-    from ideogram4_gguf.bench import instrument
     from ideogram4_gguf.ops import triton_dequant
+
+    import instrument
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     triton_dequant._kernels.cache_clear()
@@ -154,7 +156,7 @@ def test_triton_launch_sweep(monkeypatch, report):
     assert best["GBps"] == max(r["GBps"] for r in launches)
     assert best["default"] == ("default", triton_dequant.BLOCKS_PER_PROGRAM, triton_dequant.NUM_WARPS)
     # the table names the sweep's winner next to what ships
-    text = pipeline.table({**report, "bandwidth": result})
+    text = bench_pipeline.table({**report, "bandwidth": result})
     assert f"Triton sweep (2 kernel x launch shapes): best {best['variant']} kernel" in text
     assert f"shipped: default, {triton_dequant.BLOCKS_PER_PROGRAM} x {triton_dequant.NUM_WARPS}" in text
 

@@ -1,4 +1,5 @@
-"""The Triton kernels compiled for real NVIDIA targets on a machine without a GPU (bench/triton_sass.py).
+"""The Triton kernels, the shipped ones and the benchmark's variants, compiled for real NVIDIA targets on a machine
+without a GPU (bench/triton_sass.py).
 
 Triton compiles with its own bundled ptxas, so CI catches what the interpreter cannot: a kernel that does not
 compile for an architecture, or a default Q4_K kernel that lost the design it was chosen for (vector nibble loads,
@@ -9,9 +10,10 @@ import pytest
 
 pytest.importorskip("triton")
 
-from ideogram4_gguf.bench import triton_sass  # noqa: E402
+import triton_sass  # noqa: E402
+import triton_variants  # noqa: E402
 
-KERNELS = triton_sass.load_kernels()
+KERNELS = triton_variants.load_kernels(interpret=False)
 ARCHS = {"sm_80": 80, "sm_86": 86, "sm_90": 90}
 
 
@@ -30,7 +32,7 @@ def _ops(name, arch, **launch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("name", ["q4_k", "q4_k_gather", "q6_k", "q8_0"])
+@pytest.mark.parametrize("name", sorted(triton_variants.KERNELS.values()))
 def test_every_kernel_compiles_for_nvidia_targets(name, arch):
     for output in ("bf16", "fp32") if arch != "sm_86" else ("bf16", "fp16"):
         compiled = _compile(name, ARCHS[arch], output)
@@ -58,8 +60,10 @@ def test_cost_table_rows():
 
 def test_every_launch_shape_of_the_gpu_sweep_compiles():
     # the bandwidth stage times these on the GPU; a shape that does not compile would end that stage there
-    from ideogram4_gguf.bench.instrument import TRITON_LAUNCHES
+    from gguf import GGMLQuantizationType as Q
+
+    from instrument import TRITON_LAUNCHES
 
     for variant, blocks, warps in TRITON_LAUNCHES:
-        compiled = _compile("q4_k" if variant is None else f"q4_k_{variant}", 90, blocks=blocks, warps=warps)
+        compiled = _compile(triton_variants.KERNELS[Q.Q4_K, variant], 90, blocks=blocks, warps=warps)
         assert compiled.asm["cubin"], (variant, blocks, warps)

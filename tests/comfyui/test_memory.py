@@ -42,7 +42,7 @@ def with_report(prompt: dict, after_class: str) -> tuple[dict, str]:
 
 def test_placement_is_registered_and_unload_models_releases_it(comfy, text_to_image):
     probe(comfy, "IG4TestSpyMemory")
-    prompt, report_id = with_report(text_to_image(seed=4000), "IG4Sampler")
+    prompt, report_id = with_report(text_to_image(seed=4000), "IG4PresetSampler")
     report = json.loads(run_ok(comfy, prompt)["outputs"][report_id]["text"][0])
     placed = [m for m in report["ideogram4_models"] if m["placed"]]
     assert placed, report
@@ -73,7 +73,7 @@ def test_the_vae_decode_plans_with_comfyuis_free_memory(comfy, text_to_image):
 
 
 def test_free_model_and_node_cache_drops_our_models(comfy, text_to_image):
-    prompt, report_id = with_report(text_to_image(seed=4100), "IG4Sampler")
+    prompt, report_id = with_report(text_to_image(seed=4100), "IG4PresetSampler")
     assert json.loads(run_ok(comfy, prompt)["outputs"][report_id]["text"][0])["ideogram4_models"]
     # "Free model and node cache" (POST /free free_memory): models unloaded and node outputs dropped, so nothing
     # keeps our DiT pair alive any more
@@ -83,7 +83,7 @@ def test_free_model_and_node_cache_drops_our_models(comfy, text_to_image):
     assert after, "a DiT pair is still alive after /free free_memory"
     assert not ours(after)
     # and the next run loads and registers again
-    prompt, report_id = with_report(text_to_image(seed=4200), "IG4Sampler")
+    prompt, report_id = with_report(text_to_image(seed=4200), "IG4PresetSampler")
     assert ours(json.loads(run_ok(comfy, prompt)["outputs"][report_id]["text"][0]))
     assert "Traceback" not in comfy.log(), comfy.log_tail()
 

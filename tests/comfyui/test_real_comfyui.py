@@ -19,6 +19,7 @@ from ..workflows.ui_to_api import convert
 from .harness import (
     API_COPY,
     PACK,
+    ROOT,
     SAMPLER_NODES,
     SHIPPED,
     WORKFLOWS,
@@ -55,7 +56,8 @@ def test_object_info_lists_the_nodes_as_their_schemas_say(object_info, demo_mode
             for name, (kind, options) in expected["input"].get(section, {}).items():
                 real_kind, real_options = real["input"][section][name]
                 assert real_kind == kind, f"{schema.node_id}.{name}"
-                folder = {**MODEL_FILE_INPUTS, **LORA_INPUTS}.get((schema.node_id, name))
+                folder = {**MODEL_FILE_INPUTS, **LORA_INPUTS,
+                          ("IG4PromptUpsample", "lm_head"): "text_encoders"}.get((schema.node_id, name))
                 if folder is not None:
                     choices = [o for o in real_options["options"] if o not in options["options"]]
                     assert choices == listed[folder], f"{schema.node_id}.{name}"
@@ -85,7 +87,8 @@ def test_shipped_workflow_runs(comfy, object_info, demo_models, demo_lora, name)
     [sampler_class] = [kind for kind in SAMPLER_NODES if kind in classes]
     sampler, save = node_id_of(prompt, sampler_class), node_id_of(prompt, "SaveImage")
     progress = [e["data"] for e in events if e["type"] == "progress" and e["data"]["node"] == sampler]
-    assert progress and progress[-1]["value"] == progress[-1]["max"] == 2
+    steps = 12 if sampler_class == "IG4PresetSampler" else 2  # the basic sampler runs the turbo preset as it is
+    assert progress and progress[-1]["value"] == progress[-1]["max"] == steps
     assert binary and set(binary) <= {1, 4}  # live previews (PREVIEW_IMAGE, or with metadata)
     [image] = history["outputs"][save]["images"]
     path = comfy.base_dir / "output" / image["subfolder"] / image["filename"]
@@ -105,7 +108,7 @@ def test_interrupt_mid_sampling(comfy, object_info, demo_models):
     # 48 steps at 512x512: long enough that the interrupt lands mid-sampling even on a fast machine.
     prompt = for_tiny_models(convert(load(SHIPPED[0]), object_info), tiny_files(demo_models), size=512,
                              preset="quality", steps=0, seed=2000)
-    sampler = node_id_of(prompt, "IG4Sampler")
+    sampler = node_id_of(prompt, "IG4PresetSampler")
     sent = []
 
     def interrupt_at_step_two(event):
@@ -119,7 +122,7 @@ def test_interrupt_mid_sampling(comfy, object_info, demo_models):
     assert progress[0]["max"] == 48 and progress[-1]["value"] < 48
     assert history["status"]["status_str"] == "error" and not history["status"]["completed"]
     interrupted = status_messages(history)["execution_interrupted"]
-    assert interrupted["node_type"] == "IG4Sampler" and "execution_error" not in status_messages(history)
+    assert interrupted["node_type"] == "IG4PresetSampler" and "execution_error" not in status_messages(history)
     assert node_id_of(prompt, "SaveImage") not in history["outputs"]
 
 
@@ -131,7 +134,7 @@ def test_a_missing_model_file_is_an_actionable_error_at_queue_time(comfy, object
     link.symlink_to(comfy.base_dir / "elsewhere" / name)
     try:
         prompt = for_tiny_models(convert(load(SHIPPED[0]), object_info), tiny_files(demo_models), seed=3000)
-        loader = node_id_of(prompt, "IG4ModelLoader")
+        loader = node_id_of(prompt, "IG4Loader")
         prompt[loader]["inputs"]["dit_name"] = name
         status, response = comfy.queue(prompt, uuid.uuid4().hex)
     finally:
@@ -146,7 +149,7 @@ def test_a_missing_model_file_is_an_actionable_error_at_queue_time(comfy, object
 def test_an_unknown_model_name_fails_validation(comfy, object_info, demo_models):
     name = "ideogram4-not-downloaded.gguf"
     prompt = for_tiny_models(convert(load(SHIPPED[0]), object_info), tiny_files(demo_models))
-    loader = node_id_of(prompt, "IG4ModelLoader")
+    loader = node_id_of(prompt, "IG4Loader")
     prompt[loader]["inputs"]["dit_name"] = name
     status, response = comfy.queue(prompt, uuid.uuid4().hex)
     assert status == 400 and response["error"]["type"] == "prompt_outputs_failed_validation"
@@ -158,17 +161,32 @@ def test_an_unknown_model_name_fails_validation(comfy, object_info, demo_models)
 def test_bad_numbers_and_long_prompts_are_refused_at_queue_time(comfy, object_info, demo_models):
     """ComfyUI runs our validate_inputs when the prompt is queued: nothing loads, the node shows the reason."""
     prompt = for_tiny_models(convert(load(SHIPPED[0]), object_info), tiny_files(demo_models), seed=3100)
-    sampler, encode = node_id_of(prompt, "IG4Sampler"), node_id_of(prompt, "IG4TextEncode")
+    sampler, encode = node_id_of(prompt, "IG4PresetSampler"), node_id_of(prompt, "IG4TextEncode")
     bad = json.loads(json.dumps(prompt))
-    bad[sampler]["inputs"]["guidance"] = float("nan")
+    basic = bad[sampler]["inputs"]
+    bad[sampler] = {"class_type": "IG4SamplerAdvanced", "inputs": {
+        **{k: basic[k] for k in ("model", "conditioning", "width", "height", "batch_size", "seed")},
+        "steps": 2, "cfg": float("nan"), "polish_steps": 1, "polish_cfg": 3.0, "mu": 0.0, "std": 1.75,
+        "terminal": "official"}}
     status, response = comfy.queue(bad, uuid.uuid4().hex)
     assert status == 400
     # (ComfyUI files one copy of the message per input the check reads)
     error = response["node_errors"][sampler]["errors"][0]
-    assert error["type"] == "custom_validation_failed" and "guidance must be a finite number" in error["details"]
+    assert error["type"] == "custom_validation_failed" and "cfg must be a finite number" in error["details"]
     long = json.loads(json.dumps(prompt))
     long[encode]["inputs"]["prompt"] = "a red fox " * 700
     status, response = comfy.queue(long, uuid.uuid4().hex)
     assert status == 400
     error = response["node_errors"][encode]["errors"][0]
     assert "tokens long" in error["details"] and "truncate" in error["details"]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "tests" / "workflows" / "legacy").glob("*.json")), ids=lambda p: p.stem)
+def test_workflows_saved_with_0_1_0_still_run(comfy, object_info, demo_models, path):
+    """Workflows saved with the first release use the deprecated loader and sampler: ComfyUI still loads and runs
+    them with every stored value meaning what it meant."""
+    prompt = for_tiny_models(convert(json.loads(path.read_text(encoding="utf-8")), object_info),
+                             tiny_files(demo_models), seed=5000 + len(path.stem))
+    history, _, _ = run(comfy, prompt)
+    assert history["status"]["status_str"] == "success", history["status"]
+    assert object_info["IG4Sampler"]["deprecated"] and object_info["IG4ModelLoader"]["deprecated"]

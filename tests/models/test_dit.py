@@ -150,6 +150,25 @@ def test_expected_tensor_names_are_the_official_set():
     assert names - uncond == {"llm_cond_norm.weight", "llm_cond_proj.weight", "llm_cond_proj.bias"}
 
 
+@pytest.mark.parametrize("config", [Ideogram4Config(), our_config()], ids=["full", "tiny"])
+@pytest.mark.parametrize("with_text", [True, False])
+def test_the_layout_table_is_the_models_parameters(config, with_text):
+    # quant_tools' torch-free table (which the loader checks files against) and the module tree say the same
+    with torch.device("meta"):
+        model = Ideogram4DiT(config, with_text)
+    assert {name: tuple(p.shape) for name, p in model.named_parameters()} == config.tensor_shapes(with_text)
+
+
+def test_the_config_is_quant_tools_config_speaking_the_packs_error():
+    from ideogram4_gguf.quant_tools import QuantToolError, layout
+
+    assert issubclass(Ideogram4Config, layout.Ideogram4Config)
+    assert Ideogram4Config.field_names() == layout.Ideogram4Config.field_names()
+    assert Ideogram4Config().differences(layout.FULL_SIZE) == []
+    with pytest.raises(QuantToolError, match="hidden_size"):
+        layout.Ideogram4Config(hidden_size=30, num_heads=2, head_dim=16, mrope_section=(4, 2, 2))
+
+
 def test_unconditional_branch_never_reads_text_tensors(reference):
     requested = []
 

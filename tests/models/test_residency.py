@@ -9,8 +9,8 @@ run only where a GPU is present.
 import dataclasses
 
 import pytest
+import synthetic  # bench/synthetic.py (bench/ is on the test path: pyproject.toml)
 import torch
-from ideogram4_gguf.bench import synthetic
 from ideogram4_gguf.errors import SamplingError
 from ideogram4_gguf.models import residency
 from ideogram4_gguf.models.dit import Ideogram4Config, Ideogram4DiT
@@ -282,7 +282,7 @@ def test_full_size_plans_match_the_spec_memory_plans():
     # docs/spec.md §G8.1-§G8.3: both Q4_K branches 10.44 GB; the streamed-uncond plan ≈ 6.3 GiB resident peak;
     # both resident ≈ 10.8-11.0 GiB (bf16, 1024², batch 1). Stored bytes as the loader holds them (uncond without
     # llm_cond_*): the q4_k recipe's sizes.
-    from ideogram4_gguf.bench.pipeline import full_size_stored_bytes
+    from bench_pipeline import full_size_stored_bytes
 
     cond_bytes, uncond_bytes = full_size_stored_bytes()
     assert abs(cond_bytes - 5.22e9) < 0.01e9 and abs(uncond_bytes + 138.2e6 - 5.22e9) < 0.01e9
@@ -299,7 +299,7 @@ def test_full_size_plans_match_the_spec_memory_plans():
 @pytest.mark.parametrize("kind", ["q4_k", "dense"])
 def test_block_estimate_matches_cpu_allocation_trace(tmp_path, kind):
     # Real head size (256) and MLP ratio, small width: the estimate's unit model against the allocator's events.
-    from ideogram4_gguf.bench.instrument import cpu_transient_peak
+    from instrument import cpu_transient_peak
 
     config = Ideogram4Config(hidden_size=512, num_layers=1, num_heads=2, head_dim=256, intermediate_size=1280,
                              adaln_dim=256, llm_features_dim=512)

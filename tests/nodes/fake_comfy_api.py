@@ -52,6 +52,7 @@ class Schema:
     description: str = ""
     is_output_node: bool = False
     search_aliases: list = field(default_factory=list)
+    is_deprecated: bool = False
 
     def object_info(self):
         """The node's entry as /object_info reports it (input sections, input_order, outputs)."""

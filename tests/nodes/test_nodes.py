@@ -67,7 +67,7 @@ def test_encode(demo_models, conditioning):
     again = output.args[0]
     assert torch.equal(again.text_taps, conditioning.text_taps)  # deterministic
     assert conditioning.text_taps.shape == (conditioning.token_count, 13 * 64)
-    assert f"{conditioning.token_count} tokens" in output.ui.text and not _kept
+    assert f"{conditioning.token_count} tokens" in output.ui.text and len(_kept) == 1  # kept by default
     plain = run(IG4TextEncode, text_encoder=str(demo_models.text_encoder), prompt="a poster that says HELLO")
     assert "JSON" in plain.ui.text  # the plain-text warning is shown on the node
     with pytest.raises(PromptError):
@@ -200,3 +200,29 @@ def test_core_conditioning_output(demo_models):
     ours, core = output.args
     [[taps, extra]] = core
     assert taps.shape == (1, ours.token_count, 13 * 64) and torch.equal(taps[0], ours.text_taps) and extra == {}
+
+
+def test_basic_and_advanced_nodes_run_what_the_legacy_ones_ran(demo_models, model, conditioning):
+    """The redesigned nodes show real values; the same settings give bit-identical latents to the deprecated nodes
+    that older workflows still use."""
+    from ideogram4_gguf.nodes.loader import IG4Loader, IG4LoaderAdvanced
+    from ideogram4_gguf.nodes.sampler import IG4PresetSampler, IG4SamplerAdvanced
+    from ideogram4_gguf.sampler.presets import PRESETS
+
+    assert run(IG4Loader, dit_name=str(demo_models.dit)).args[0] is model  # one load shared with the legacy node
+    assert run(IG4LoaderAdvanced, dit_name=str(demo_models.dit), branch_prefixes="").args[0] is model
+    with pytest.raises(ModelFileError, match="branch_prefixes"):
+        run(IG4LoaderAdvanced, dit_name=str(demo_models.dit), branch_prefixes="only-one")
+    base = dict(model=model, conditioning=conditioning, width=256, height=256, batch_size=1, seed=11)
+    for preset in ("turbo", "default"):
+        p = PRESETS[preset]
+        legacy = run(IG4Sampler, **base, preset=preset).args[0]["samples"]
+        basic = run(IG4PresetSampler, **base, preset=preset).args[0]["samples"]
+        advanced = run(IG4SamplerAdvanced, **base, steps=p.steps, cfg=p.guidance, polish_steps=p.polish_steps,
+                       polish_cfg=p.polish_guidance, mu=p.mu, std=p.std).args[0]["samples"]
+        assert torch.equal(legacy, basic) and torch.equal(basic, advanced)
+    assert "polish_steps" in IG4SamplerAdvanced.validate_inputs(steps=4, polish_steps=5)
+    assert IG4SamplerAdvanced.validate_inputs(steps=20, cfg=7.0, polish_steps=2, polish_cfg=3.0, mu=0.0,
+                                              std=1.75) is True
+    defaults = {i.id: i.options.get("default") for i in IG4SamplerAdvanced.define_schema().inputs}
+    assert (defaults["steps"], defaults["cfg"], defaults["polish_steps"]) == (20, 7.0, 2)  # real values, no 0 / -1

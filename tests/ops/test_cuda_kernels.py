@@ -1,7 +1,8 @@
 """The decoders on a real GPU: the compiled Triton kernels and the torch decoder against gguf-py, bit for bit.
 
 The CPU suite checks the Triton kernels under Triton's interpreter only; these run where CUDA is present (the
-benchmark machine, docs/PERF.md) and are skipped elsewhere.
+benchmark machine, docs/PERF.md) and are skipped elsewhere. The benchmark's variant kernels and other launch shapes
+have their CUDA tests beside it (tests/bench/test_triton_variants.py).
 """
 
 import numpy as np
@@ -12,46 +13,30 @@ from gguf import quants
 
 from ideogram4_gguf.ops import QuantLinear, dequantize, triton_dequant
 
-from .conftest import QUANT_TYPES, TRITON_KERNELS, random_blocks, triton_kernel_id
+from .conftest import QUANT_TYPES, random_blocks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
-
 
 
 def _reference(packed: torch.Tensor, qtype) -> torch.Tensor:
     return torch.from_numpy(quants.dequantize(packed.numpy(), qtype))
 
 
-@pytest.mark.parametrize("case", TRITON_KERNELS, ids=triton_kernel_id)
+@pytest.mark.parametrize("qtype", list(triton_dequant.KERNEL_NAMES), ids=lambda q: q.name)
 @pytest.mark.parametrize("shape", [(5, 768), (1536, 4608)], ids=["15-blocks", "mlp-slice"])
-def test_compiled_triton_kernel_matches_gguf_py(case, shape, rng):
+def test_compiled_triton_kernel_matches_gguf_py(qtype, shape, rng):
     if not triton_dequant.available():
         pytest.skip("Triton is not installed")
-    qtype, variant = case
     rows, cols = shape
     packed = torch.from_numpy(random_blocks(qtype, rows, cols, rng))
     ref = _reference(packed, qtype)
     on_gpu = packed.cuda()
     assert triton_dequant.can_run(on_gpu, qtype)
-    fp32 = triton_dequant.dequantize(on_gpu, qtype, shape, torch.float32, variant=variant).cpu()
+    fp32 = triton_dequant.dequantize(on_gpu, qtype, shape, torch.float32).cpu()
     assert torch.equal(fp32.view(torch.int32), ref.view(torch.int32))
     for dtype in (torch.bfloat16, torch.float16):
-        out = triton_dequant.dequantize(on_gpu, qtype, shape, dtype, variant=variant).cpu()
+        out = triton_dequant.dequantize(on_gpu, qtype, shape, dtype).cpu()
         assert torch.equal(out, ref.to(dtype)), dtype
-
-
-def test_compiled_triton_launch_shapes_agree(rng):
-    if not triton_dequant.available():
-        pytest.skip("Triton is not installed")
-    shape = (96, 2560)
-    packed = torch.from_numpy(random_blocks(Q.Q4_K, *shape, rng)).cuda()
-    ref = triton_dequant.dequantize(packed, Q.Q4_K, shape, torch.bfloat16)
-    for variant in (None, "gather"):
-        for blocks in (1, 2, 4, 16, 32):
-            for warps in (1, 2, 8):
-                out = triton_dequant.dequantize(packed, Q.Q4_K, shape, torch.bfloat16, blocks_per_program=blocks,
-                                                num_warps=warps, variant=variant)
-                assert torch.equal(out, ref), (variant, blocks, warps)
 
 
 @pytest.mark.parametrize("qtype", QUANT_TYPES, ids=lambda q: q.name)

@@ -95,7 +95,7 @@ def test_wrong_byte_count_is_a_clear_error(rng):
 def test_device_chunks_bound_the_scratch_memory(monkeypatch, rng):
     # The chunk size used on a GPU, applied on the CPU where the allocator can be traced: the float32 scratch and
     # nibble temporaries stay near one chunk's worth instead of ~6 bytes per weight of the whole tensor.
-    from ideogram4_gguf.bench.instrument import cpu_transient_peak
+    from instrument import cpu_transient_peak  # bench/instrument.py
 
     rows, cols = 2048, 8192  # 16.8 M weights: two device chunks
     packed = torch.from_numpy(random_blocks(Q.Q4_K, rows, cols, rng))

@@ -240,6 +240,28 @@ def test_metadata_equals_gguf_py_reader(tmp_path, rng):
     assert ours["tokenizer.ggml.tokens"] == words
 
 
+def test_quant_tools_reads_the_same_header_and_words_the_same_errors(valid_file, tmp_path):
+    """One reading layer: quant_tools' torch-free reader and ours give the same table, metadata and messages."""
+    from ideogram4_gguf.quant_tools import QuantToolError
+    from ideogram4_gguf.quant_tools.gguf_file import GGUFFile as ToolFile
+
+    path, _ = valid_file
+    ours, theirs = open_gguf(path), ToolFile(path)
+    assert theirs.metadata == ours.metadata
+    assert {t.name: (t.qtype, t.shape, t.nbytes) for t in theirs.tensors} == {
+        t.name: (t.qtype.name, t.shape, t.nbytes) for t in ours.tensors.values()}
+    cases = {"cut.gguf": (path.read_bytes()[:-3], "the file is truncated: tensor "),
+             "v9.gguf": (b"GGUF" + struct.pack("<I", 9) + bytes(20), "not a readable GGUF file: it has GGUF version 9")}
+    for name, (data, message) in cases.items():
+        bad = tmp_path / name
+        bad.write_bytes(data)
+        with pytest.raises(GGUFFormatError, match=message) as pack_error:
+            open_gguf(bad)
+        with pytest.raises(QuantToolError) as tool_error:
+            ToolFile(bad)
+        assert str(pack_error.value) == str(tool_error.value)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # What llama.cpp's reader checks too (ggml gguf.cpp gguf_init_from_file_impl), each as one short line
 

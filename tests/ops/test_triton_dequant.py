@@ -1,4 +1,7 @@
-"""The fused Triton kernels, run on the CPU by Triton's interpreter, against gguf-py bit for bit."""
+"""The fused Triton kernels, run on the CPU by Triton's interpreter, against gguf-py bit for bit.
+
+The benchmark's variant kernels and other launch shapes are tested beside it (tests/bench/test_triton_variants.py).
+"""
 
 import pytest
 import torch
@@ -7,7 +10,7 @@ from gguf import quants
 
 from ideogram4_gguf.ops import triton_dequant
 
-from .conftest import TRITON_KERNELS, random_blocks, triton_kernel_id
+from .conftest import random_blocks
 
 pytest.importorskip("triton", reason="the Triton kernels are tested only where Triton is installed")
 
@@ -21,24 +24,17 @@ def interpreter(monkeypatch):
     triton_dequant._kernels.cache_clear()
 
 
-@pytest.mark.parametrize("case", TRITON_KERNELS, ids=triton_kernel_id)
-def test_kernel_matches_gguf_py(case, interpreter, rng):
-    qtype, variant = case
+@pytest.mark.parametrize("qtype", list(triton_dequant.KERNEL_NAMES), ids=lambda q: q.name)
+def test_kernel_matches_gguf_py(qtype, interpreter, rng):
     rows, cols = 5, 768  # 15 super-blocks: fewer than one program of the default 16, and not a multiple of 2, 4 or 8
     packed = torch.from_numpy(random_blocks(qtype, rows, cols, rng))
     assert triton_dequant.can_run(packed, qtype)
     ref = torch.from_numpy(quants.dequantize(packed.numpy(), qtype))
-    fp32 = triton_dequant.dequantize(packed, qtype, (rows, cols), torch.float32, variant=variant)
+    fp32 = triton_dequant.dequantize(packed, qtype, (rows, cols), torch.float32)
     assert torch.equal(fp32.view(torch.int32), ref.view(torch.int32))
     for dtype in (torch.bfloat16, torch.float16):
-        out = triton_dequant.dequantize(packed, qtype, (rows, cols), dtype, variant=variant)
+        out = triton_dequant.dequantize(packed, qtype, (rows, cols), dtype)
         assert torch.equal(out, ref.to(dtype)), dtype
-
-
-def test_unknown_variant_is_refused(rng):
-    packed = torch.from_numpy(random_blocks(Q.Q6_K, 1, 256, rng))
-    with pytest.raises(ValueError, match="no 'gather' Triton kernel for Q6_K"):
-        triton_dequant.dequantize(packed, Q.Q6_K, (1, 256), variant="gather")
 
 
 def test_kernel_selection(monkeypatch):
@@ -48,19 +44,6 @@ def test_kernel_selection(monkeypatch):
     assert not triton_dequant.can_run(cpu_packed, Q.Q5_K)  # no kernel for the type
     with pytest.warns(UserWarning, match="'triton' requested"):
         triton_dequant.can_run(torch.zeros(1, 176, dtype=torch.uint8), Q.Q5_K, kernel="triton")
-
-
-def test_launch_shapes_decode_the_same(interpreter, rng):
-    # the benchmark sweeps blocks-per-program and warps; every shape must decode the same bits
-    rows, cols = 3, 2560  # 30 super-blocks: a partial last program for every shape below
-    packed = torch.from_numpy(random_blocks(Q.Q4_K, rows, cols, rng))
-    ref = torch.from_numpy(quants.dequantize(packed.numpy(), Q.Q4_K)).to(torch.bfloat16)
-    for blocks, warps, variant in ((1, 1, None), (2, 2, "gather"), (4, 8, None), (16, 4, "gather"), (32, 2, None)):
-        out = triton_dequant.dequantize(packed, Q.Q4_K, (rows, cols), torch.bfloat16, blocks_per_program=blocks,
-                                        num_warps=warps, variant=variant)
-        assert torch.equal(out, ref), (blocks, warps, variant)
-    with pytest.raises(ValueError, match="power of two"):
-        triton_dequant.dequantize(packed, Q.Q4_K, (rows, cols), torch.bfloat16, blocks_per_program=12)
 
 
 def test_tensors_past_32_bit_offsets_use_the_torch_decoder(interpreter):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ideogram4_gguf.quant_tools import QuantToolError
-from ideogram4_gguf.quant_tools.config import FULL_SIZE
+from ideogram4_gguf.quant_tools.layout import FULL_SIZE
 from ideogram4_gguf.quant_tools.quants import QTYPES
 from ideogram4_gguf.quant_tools.recipe import Recipe, shipped_names
 

@@ -38,14 +38,14 @@ API_COPIES = {"api/ideogram4_q4k_text_to_image.json": "ideogram4_q4k_text_to_ima
 PACK_ID, CORE_ID = "ideogram4-gguf", "comfy-core"
 # What each workflow is for (the choices docs/workflows.md describes).
 SETTINGS = {
-    "ideogram4_q4k_text_to_image": {("IG4ModelLoader", "memory_mode"): "auto",
+    "ideogram4_q4k_text_to_image": {("IG4Loader", "memory_mode"): "auto",
                                     ("IG4TextEncode", "text_encoder"): "qwen3vl_8b_fp8_scaled.safetensors"},
-    "ideogram4_q4k_json_prompt": {("IG4ModelLoader", "memory_mode"): "auto",
+    "ideogram4_q4k_json_prompt": {("IG4Loader", "memory_mode"): "auto",
                                   ("IG4TextEncode", "text_encoder"): "qwen3vl_8b_fp8_scaled.safetensors"},
-    "ideogram4_q4k_low_vram": {("IG4ModelLoader", "memory_mode"): "stream_uncond",
+    "ideogram4_q4k_low_vram": {("IG4Loader", "memory_mode"): "stream_uncond",
                                ("IG4TextEncode", "text_encoder"): "Qwen3-VL-8B-Instruct-Q4_K_M.gguf",
                                ("IG4VAEDecode", "tiled"): "auto"},
-    "ideogram4_q4k_lora": {("IG4ModelLoader", "memory_mode"): "auto",
+    "ideogram4_q4k_lora": {("IG4Loader", "memory_mode"): "auto",
                            ("IG4TextEncode", "text_encoder"): "qwen3vl_8b_fp8_scaled.safetensors",
                            ("IG4LoraLoader", "strength"): 1.0, ("IG4LoraLoader", "branch"): "auto"},
     CORE_GRAPH: {("IG4CoreModelLoader", "dit_name"): "ideogram4-q4_k.gguf",
@@ -58,11 +58,11 @@ SETTINGS = {
                  ("IG4OfficialGuider", "polish_guidance"): 3.0, ("KSamplerSelect", "sampler_name"): "euler",
                  ("IG4VAEDecode", "vae_name"): "flux2-vae.safetensors"},
 }
-COMMON_SETTINGS = {("IG4Sampler", "width"): 1024, ("IG4Sampler", "height"): 1024,
-                   ("IG4Sampler", "preset"): "default", ("IG4ModelLoader", "dit_name"): "ideogram4-q4_k.gguf",
-                   ("IG4ModelLoader", "compute_dtype"): "auto", ("IG4VAEDecode", "vae_name"): "flux2-vae.safetensors"}
+COMMON_SETTINGS = {("IG4PresetSampler", "width"): 1024, ("IG4PresetSampler", "height"): 1024,
+                   ("IG4PresetSampler", "preset"): "default", ("IG4Loader", "dit_name"): "ideogram4-q4_k.gguf",
+                   ("IG4VAEDecode", "vae_name"): "flux2-vae.safetensors"}
 # The nodes each kind of workflow must run.
-PIPELINE = {"sampler": {"IG4ModelLoader", "IG4TextEncode", "IG4Sampler", "IG4VAEDecode", "SaveImage"},
+PIPELINE = {"sampler": {"IG4Loader", "IG4TextEncode", "IG4PresetSampler", "IG4VAEDecode", "SaveImage"},
             "core": {"IG4CoreModelLoader", "IG4TextEncode", "IG4OfficialGuider", "IG4OfficialSigmas",
                      "IG4OfficialNoise", "IG4EmptyLatent", "KSamplerSelect", "SamplerCustomAdvanced", "IG4VAEDecode",
                      "SaveImage"}}
@@ -232,7 +232,7 @@ def test_settings_per_workflow(workflow, object_info):
     expected = SETTINGS[name] if name == CORE_GRAPH else {**COMMON_SETTINGS, **SETTINGS[name]}
     for (kind, input_name), value in expected.items():
         assert by_class[kind][input_name] == value, f"{name}: {kind}.{input_name}"
-    kind, seed_input = ("IG4OfficialNoise", "noise_seed") if name == CORE_GRAPH else ("IG4Sampler", "seed")
+    kind, seed_input = ("IG4OfficialNoise", "noise_seed") if name == CORE_GRAPH else ("IG4PresetSampler", "seed")
     seed = widget_values(nodes_by_type(wf)[kind], object_info[kind])[seed_input]
     assert by_class[kind][seed_input] == seed and seed > 0  # the control value never reaches the API
     assert "randomize" not in json.dumps(prompt)

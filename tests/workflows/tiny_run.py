@@ -15,7 +15,12 @@ from .ui_to_api import execution_order
 
 # Model-file dropdowns -> the ComfyUI model folder they list. Their options are the files in that folder (empty
 # outside ComfyUI), so tests check the stored names against the node's `properties.models` instead.
-MODEL_FILE_INPUTS = {("IG4ModelLoader", "dit_name"): "diffusion_models",
+MODEL_FILE_INPUTS = {("IG4Loader", "dit_name"): "diffusion_models",
+                     ("IG4Loader", "uncond_name"): "diffusion_models",
+                     ("IG4LoaderAdvanced", "dit_name"): "diffusion_models",
+                     ("IG4LoaderAdvanced", "uncond_name"): "diffusion_models",
+                     ("IG4PromptUpsample", "text_encoder"): "text_encoders",
+                     ("IG4ModelLoader", "dit_name"): "diffusion_models",
                      ("IG4ModelLoader", "uncond_name"): "diffusion_models",
                      ("IG4CoreModelLoader", "dit_name"): "diffusion_models",
                      ("IG4CoreModelLoader", "uncond_name"): "diffusion_models",
@@ -39,6 +44,18 @@ def for_tiny_models(prompt: dict, files: dict[str, str], size=256, preset="turbo
                 inputs[name] = files[folder]
         if entry["class_type"] == "IG4Sampler":
             inputs.update(width=size, height=size, preset=preset, steps=steps)
+            if seed is not None:
+                inputs["seed"] = seed
+        elif entry["class_type"] == "IG4PresetSampler":  # no steps widget: the preset runs as it is
+            inputs.update(width=size, height=size, preset=preset)
+            if seed is not None:
+                inputs["seed"] = seed
+        elif entry["class_type"] == "IG4SamplerAdvanced":
+            inputs.update(width=size, height=size, steps=steps or 12, polish_steps=min(inputs["polish_steps"], steps or 12))
+            if seed is not None:
+                inputs["seed"] = seed
+        elif entry["class_type"] == "IG4PromptUpsample":
+            inputs.update(max_tokens=16)
             if seed is not None:
                 inputs["seed"] = seed
         elif entry["class_type"] in ("IG4EmptyLatent", "IG4OfficialSigmas"):  # the core-graph workflow
