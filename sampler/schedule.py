@@ -29,15 +29,18 @@ def timesteps(
 ) -> torch.Tensor:
     """steps + 1 model times, chronological: t[0] = T_MIN, ..., t[steps] = terminal; float32.
 
-    T(u) = clamp(1 - sigmoid(mean + std * probit(u)), T_MIN, T_MAX) on u = 1, (N-1)/N, ..., 0, in float64 and then
-    rounded to float32. The model is evaluated at t[0..steps-1]; t[steps] only sets the last step's length:
-    T_MAX for terminal="official", 1.0 for terminal="one" (diffusers / ComfyUI append sigma 0).
+    T(u) = clamp(1 - sigmoid(mean + std * probit(u)), T_MIN, T_MAX) on u = 1, (N-1)/N, ..., 0, evaluated in float64
+    and then rounded to float32. The step positions u are built in float32, as the official `make_step_intervals`
+    does (`torch.linspace(0, 1, N + 1, dtype=float32)`): diffusers builds them in float64, which moves some t by one
+    float32 ulp, and the time embedding magnifies that ~1e4 times (docs/spec.md §3.2).
+    The model is evaluated at t[0..steps-1]; t[steps] only sets the last step's length: T_MAX for
+    terminal="official", 1.0 for terminal="one" (diffusers / ComfyUI append sigma 0).
     """
     if steps < 1:
         raise SamplingError(f"steps must be >= 1, got {steps}.")
     if terminal not in ("official", "one"):
         raise SamplingError(f"terminal must be 'official' or 'one', got {terminal!r}.")
-    u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64).flip(0)
+    u = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float32).to(torch.float64).flip(0)
     y = schedule_mean(mu, width, height) + std * torch.special.ndtri(u)
     t = (1.0 - torch.special.expit(y)).clamp(T_MIN, T_MAX).to(torch.float32)
     if terminal == "one":

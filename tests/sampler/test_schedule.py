@@ -1,6 +1,8 @@
 """Schedule and presets against diffusers 0.42.1 (`_logit_normal_sigmas`, `FlowMatchEulerDiscreteScheduler`) and
 the official numbers in docs/spec.md §3.2-§3.4."""
 
+import math
+
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -104,3 +106,27 @@ def test_bad_settings_raise_sampling_error(overrides, message):
 def test_unknown_preset_lists_the_choices():
     with pytest.raises(SamplingError, match="default.*quality.*turbo"):
         sampler_settings("fast")
+
+
+def _official_timesteps(steps, width, height, mu, std, grid_dtype=torch.float32):
+    """The official recipe, restated (ideogram-oss/ideogram4 `make_step_intervals` + `LogitNormalSchedule`):
+    float32 step positions, the formula in float64, the result rounded to float32; t at u = 1, (N-1)/N, ..., 0.
+    grid_dtype=float64: the positions as diffusers 0.42.1 builds them (`_logit_normal_sigmas`)."""
+    intervals = torch.linspace(0.0, 1.0, steps + 1, dtype=grid_dtype)
+    y = schedule_mean(mu, width, height) + std * torch.special.ndtri(intervals.to(torch.float64))
+    t_min, t_max = 1.0 / (1 + math.exp(0.5 * 18.0)), 1.0 / (1 + math.exp(0.5 * -15.0))
+    return (1 - torch.special.expit(y)).clamp(t_min, t_max).to(torch.float32).flip(0)
+
+
+def test_step_positions_are_float32_like_the_official_code():
+    # Bit-equal to the official recipe for every step count 1..64 at a few sizes; float64 positions (diffusers)
+    # move some t by one float32 ulp in that range, so this test tells the two apart.
+    moved_by_float64 = 0
+    for steps in range(1, 65):
+        for width, height, mu, std in [(1024, 1024, 0.0, 1.5), (2048, 1536, 0.5, 1.75), (512, 768, 0.3, 1.1)]:
+            ours = timesteps(steps, width, height, mu, std)
+            assert torch.equal(ours, _official_timesteps(steps, width, height, mu, std)), (steps, width, height)
+            float64 = _official_timesteps(steps, width, height, mu, std, grid_dtype=torch.float64)
+            assert (ours - float64).abs().max().item() <= 1.2e-7  # at most one float32 ulp of t < 1
+            moved_by_float64 += int(not torch.equal(ours, float64))
+    assert moved_by_float64 > 0
