@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 WORKFLOWS = ROOT / "workflows"
 # Workflows sampling with the pack's own Ideogram4 Sampler, and the core-graph one (core MODELs, SamplerCustomAdvanced).
 SAMPLER_WORKFLOWS = ["ideogram4_q4k_text_to_image", "ideogram4_q4k_json_prompt", "ideogram4_q4k_low_vram",
-                     "ideogram4_q4k_lora"]
+                     "ideogram4_q4k_lora", "ideogram4_q4k_upsample"]
 CORE_GRAPH = "ideogram4_q4k_core_graph"
 SHIPPED = SAMPLER_WORKFLOWS + [CORE_GRAPH]
 # API-format copies (for scripting) -> the UI workflow they are the conversion of. In a subfolder, so ComfyUI's
@@ -48,6 +48,11 @@ SETTINGS = {
     "ideogram4_q4k_lora": {("IG4Loader", "memory_mode"): "auto",
                            ("IG4TextEncode", "text_encoder"): "qwen3vl_8b_fp8_scaled.safetensors",
                            ("IG4LoraLoader", "strength"): 1.0, ("IG4LoraLoader", "branch"): "auto"},
+    "ideogram4_q4k_upsample": {("IG4Loader", "memory_mode"): "auto",
+                               ("IG4PromptUpsample", "text_encoder"): "Qwen3-VL-8B-Instruct-Q4_K_M.gguf",
+                               ("IG4PromptUpsample", "lm_head"): "(from the text encoder)",
+                               ("IG4PromptUpsample", "width"): 1024, ("IG4PromptUpsample", "height"): 1024,
+                               ("IG4TextEncode", "text_encoder"): "Qwen3-VL-8B-Instruct-Q4_K_M.gguf"},
     CORE_GRAPH: {("IG4CoreModelLoader", "dit_name"): "ideogram4-q4_k.gguf",
                  ("IG4CoreModelLoader", "compute_dtype"): "auto",
                  ("IG4TextEncode", "text_encoder"): "qwen3vl_8b_fp8_scaled.safetensors",
@@ -175,7 +180,9 @@ def test_widget_values_fit(workflow, object_info):
         assert len(node["widgets_values"]) == len(slots), node["type"]
         for (name, spec), value in zip(slots, node["widgets_values"]):
             if spec is CONTROL_VALUES:
-                assert value == "randomize", f"{node['type']}.{name}: control {value!r}"
+                # a new image each run; the upsampler keeps its caption (docs/workflows.md)
+                expected = "fixed" if node["type"] == "IG4PromptUpsample" else "randomize"
+                assert value == expected, f"{node['type']}.{name}: control {value!r}"
             else:
                 check_widget_value(node, name, spec, value)
     for note in (n for n in wf["nodes"] if n["type"] in UI_ONLY):
@@ -264,12 +271,15 @@ def test_example_prompts_are_minified_captions(object_info):
         assert prompt == minify(canonicalize(caption)), name
 
 
-def test_json_prompt_feeds_the_encoder_through_its_prompt_widget(object_info):
-    """The JSON Prompt's STRING output goes into Qwen3-VL Encode's multiline `prompt` widget turned into a socket:
-    the frontend (1.47) writes it as the widget's input entry with a link, and keeps the widget's value slot."""
-    wf = load("ideogram4_q4k_json_prompt")
+@pytest.mark.parametrize("name, source_type", [("ideogram4_q4k_json_prompt", "IG4JsonPrompt"),
+                                                ("ideogram4_q4k_upsample", "IG4PromptUpsample")])
+def test_caption_nodes_feed_the_encoder_through_its_prompt_widget(name, source_type, object_info):
+    """The JSON Prompt's (or Prompt Upsample's) STRING output goes into Qwen3-VL Encode's multiline `prompt` widget
+    turned into a socket: the frontend (1.47) writes it as the widget's input entry with a link, and keeps the
+    widget's value slot."""
+    wf = load(name)
     nodes = nodes_by_type(wf)
-    encode, source = nodes["IG4TextEncode"], nodes["IG4JsonPrompt"]
+    encode, source = nodes["IG4TextEncode"], nodes[source_type]
     [entry] = [e for e in encode["inputs"] if e["name"] == "prompt"]
     assert entry["widget"] == {"name": "prompt"} and entry["type"] == "STRING"
     link = next(link for link in wf["links"] if link[0] == entry["link"])
@@ -309,3 +319,5 @@ def test_workflow_runs_on_the_tiny_models(name, object_info, demo_models, demo_l
         assert conditioning.prompt == by_class["IG4JsonPrompt"][0]
         texts = [e.get("text") for e in caption["compositional_deconstruction"]["elements"]]
         assert texts == ["BLUE NOTE NIGHTS", None, "FRIDAY 9 PM"]
+    if "IG4PromptUpsample" in by_class:  # the upsampled caption reaches the encoder, the quoted title kept
+        assert conditioning.prompt == by_class["IG4PromptUpsample"][0] and "NORTH COAST" in conditioning.prompt
