@@ -87,11 +87,11 @@ def _read_prompt(text: str) -> str:
 
 def parse_lora_spec(spec: str) -> tuple[str, float, str]:
     r"""FILE[:STRENGTH[:BRANCH]] -> (file, strength, branch); read from the right, so paths with colons (C:\...) work."""
-    from .models.lora import BRANCH_CHOICES
+    from . import pipeline
 
     parts = spec.split(":")
     branch, strength = "auto", 1.0
-    if len(parts) > 1 and parts[-1] in BRANCH_CHOICES:
+    if len(parts) > 1 and parts[-1] in pipeline.BRANCH_CHOICES:
         branch = parts.pop()
     if len(parts) > 1:
         try:

@@ -1,8 +1,8 @@
 """The pack's error hierarchy. Every message names the file or value at fault and what to do.
 
 Torch-free so that every layer (and the ComfyUI adapter) can import it cheaply. The one error that needs torch,
-`pipeline.DeviceMemoryError` (out of GPU memory while sampling), lives beside the code that raises it: it is also
-a torch OutOfMemoryError, so that ComfyUI handles it as one.
+`DeviceMemoryError` (out of GPU memory while sampling), lives beside the memory modes in `models/memory_plan.py`
+(`pipeline` re-exports it): it is also a torch OutOfMemoryError, so that ComfyUI handles it as one.
 
 What a user can meet and what to do about it: docs/errors.md.
 """

@@ -1,39 +1,70 @@
 """Load -> encode -> sample -> decode: the one code path the ComfyUI nodes and the command line share.
 
 Nothing here imports ComfyUI. What ComfyUI offers (a device, free memory, progress, interruption) arrives as
-plain arguments and callbacks; `nodes/comfy_adapter.py` supplies them inside ComfyUI.
+plain arguments and callbacks; `nodes/comfy_adapter.py` supplies them inside ComfyUI. The nodes import only this
+module (docs/ARCHITECTURE.md): what they need from the layers below is a function here or a name imported here
+for them (Ideogram4Model, DeviceMemoryError, MEMORY_MODES, KERNELS, PRESETS, ... : the `noqa: F401` imports).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from .errors import Ideogram4Error, ModelFileError, PromptError, SamplingError, UsageError, quote
+from .errors import LatentFormatError, ModelFileError, PromptError, SamplingError, UsageError, quote
 from .models.dit import default_compute_dtype
-from .models.dit_loader import DiTLoadInfo, find_dit_branches, load_dit_branches
-from .models.latents import LatentNorm, tokens_to_latent_dict
-from .models.lora import BRANCH_CHOICES, LoraFile, LoraHandles, bind, install
+from .models.dit_loader import find_dit_branches, load_dit_branches
+from .models.dit_pair import (
+    AppliedLora,  # noqa: F401  (for the nodes)
+    Ideogram4Model,
+)
+from .models.latents import LatentNorm, from_comfy_flux2, is_ideogram4_latent, to_comfy_flux2, tokens_to_latent_dict
+from .models.lora import (
+    BRANCH_CHOICES,  # noqa: F401  (for the nodes)
+    LoraFile,
+)
 from .models.lora import read_lora as _read_lora
-from .models.residency import MEMORY_MODES  # noqa: F401  (the nodes offer pipeline.MEMORY_MODES)
-from .models.residency import check_memory_mode, estimate_peak_bytes, place_branches, resolve_memory_mode, stored_bytes
+from .models.memory_plan import (
+    MEMORY_MODES,  # noqa: F401  (for the nodes)
+    TORCH_OUT_OF_MEMORY,
+    DeviceMemoryError,
+    check_memory_mode,
+)
 from .models.text_encoder import unload_text_encoder
 from .models.text_encoder_loader import config_from_weights as text_encoder_config
 from .models.text_encoder_loader import load_lm_head, load_text_encoder, text_model_view
 from .models.tokenizer import MAX_PROMPT_TOKENS, encode_prompt_ids, load_qwen_tokenizer, tokenizer_from_gguf_metadata
-from .models.vae import Flux2VAEDecoder, check_vae_header, decode_latents
-from .ops import open_gguf, open_weights
-from .prompts.caption import prepare_prompt
+from .models.vae import Flux2VAEDecoder
+from .models.vae_loader import check_vae_header, load_vae_decoder
+from .models.vae_tiling import decode_latents, estimate_decode_peak
+from .ops import (
+    KERNELS,  # noqa: F401  (for the nodes)
+    open_gguf,
+    open_weights,
+)
+from .prompts.caption import (
+    caption_from_form,  # noqa: F401  (for the nodes)
+    prepare_prompt,
+)
 from .prompts.upsample import upsample_prompt
-from .sampler.flow import sample, token_grid
-from .sampler.presets import check_seed, sampler_settings
+from .sampler.flow import (
+    MAX_SIDE,  # noqa: F401  (for the nodes)
+    MIN_SIDE,  # noqa: F401  (for the nodes)
+    PIXELS_PER_TOKEN,  # noqa: F401  (for the nodes)
+    sample,
+    token_grid,
+)
+from .sampler.presets import (
+    PRESETS,  # noqa: F401  (for the nodes)
+    TERMINALS,  # noqa: F401  (for the nodes)
+    check_seed,
+    sampler_settings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -131,109 +162,6 @@ def resolve_dtype(dtype, device) -> torch.dtype:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The DiT pair
-
-
-@dataclass
-class _Residency:
-    placement: object = None  # residency.Placement while placed
-
-
-@dataclass(frozen=True)
-class AppliedLora:
-    """A LoRA file on one branch ("cond" / "uncond") at a strength."""
-
-    lora: LoraFile
-    strength: float
-    branch: str
-
-
-@dataclass(eq=False)  # identity semantics: hashable, so caches can hold it weakly
-class Ideogram4Model:
-    """Both DiT branches, loaded packed on the CPU (memory-mapped GGUF), and where they run.
-
-    Sampling places them on `device` in `memory_mode` (models/residency.py: both resident, the unconditional
-    branch streamed layer by layer from pinned host memory, or both streamed); `offload()` undoes it. `loras` run
-    beside the branches while sampling (models/lora.py); `with_lora` returns a model that shares the branches and
-    their placement with this one.
-    """
-
-    cond_branch: torch.nn.Module
-    uncond_branch: torch.nn.Module
-    info: DiTLoadInfo
-    device: torch.device
-    memory_mode: str = "auto"
-    loras: tuple[AppliedLora, ...] = ()
-    residency: _Residency = field(default_factory=_Residency, repr=False)
-
-    @property
-    def placement(self):
-        return self.residency.placement
-
-    @placement.setter
-    def placement(self, value):
-        self.residency.placement = value
-
-    def with_lora(self, lora: LoraFile, strength: float = 1.0, branch: str = "auto") -> "Ideogram4Model":
-        """This model plus a LoRA on `branch` ("auto": the branch the file was trained for; "both"); the
-        branches, their placement and the packed weights are shared, nothing is merged."""
-        if branch not in BRANCH_CHOICES:
-            raise ValueError(f"LoRA branch must be one of {BRANCH_CHOICES}, got {branch!r}")
-        if not math.isfinite(strength):
-            raise ValueError(f"LoRA strength must be a finite number, got {strength!r}")
-        roles = ("cond", "uncond") if branch == "both" else (lora.branch if branch == "auto" else branch,)
-        for role in roles:  # check the shapes now, not when sampling starts
-            bind(lora, self.cond_branch if role == "cond" else self.uncond_branch, 1.0, f" ({role} branch)")
-        return dataclasses.replace(self, loras=self.loras + tuple(AppliedLora(lora, strength, r) for r in roles))
-
-    def lora_hooks(self) -> LoraHandles:
-        """Install every LoRA's low-rank path on the placed branches (remove them with the returned handles)."""
-        handles = LoraHandles()
-        placement = self.placement
-        for applied in self.loras:
-            branch = self.cond_branch if applied.branch == "cond" else self.uncond_branch
-            terms, _ = bind(applied.lora, branch, applied.strength)
-            streamed = placement is not None and placement.is_streamed(applied.branch)
-            install(terms, keep_on_device=not streamed, handles=handles)
-        return handles
-
-    def place(self, width: int = 1024, height: int = 1024, text_tokens: int = 512, free_bytes: int | None = None,
-              make_room: Callable[[int], None] | None = None):
-        """Place the branches for an image of this size (kept when the resolved mode is unchanged).
-
-        make_room(bytes): called with the computed peak before anything moves (ComfyUI frees memory there)."""
-        cond, uncond = self.cond_branch, self.uncond_branch
-        mode = resolve_memory_mode(self.memory_mode, cond, uncond, self.device, free_bytes=free_bytes, width=width,
-                                   height=height, text_tokens=text_tokens)
-        if self.placement is not None and self.placement.mode == mode:
-            return self.placement
-        self.offload()
-        if make_room is not None:
-            make_room(self.peak_bytes(mode, width, height, text_tokens))
-        self.placement = place_branches(cond, uncond, self.device, mode)
-        logger.info("Ideogram 4 DiT: %s", self.placement.summary())
-        return self.placement
-
-    def peak_bytes(self, mode: str, width: int, height: int, text_tokens: int) -> int:
-        """Computed device memory of one image in an explicit mode (docs/memory.md)."""
-        return estimate_peak_bytes(mode, self.cond_branch.config, stored_bytes(self.cond_branch),
-                                   stored_bytes(self.uncond_branch), width, height, text_tokens,
-                                   compute_dtype=self.cond_branch.compute_dtype).total
-
-    def offload(self) -> None:
-        """Free the device copies (the packed weights stay memory-mapped on the CPU)."""
-        if self.placement is not None:
-            self.placement.release()
-            logger.info("Ideogram 4 DiT: released its %s copies (memory mode %s)", self.placement.device,
-                        self.placement.mode)
-            self.placement = None
-
-    def summary(self) -> str:
-        where = self.placement.summary() if self.placement is not None else f"memory mode {self.memory_mode}"
-        loras = "".join(f"; LoRA {Path(a.lora.path).name} x{a.strength:g} on {a.branch}" for a in self.loras)
-        return f"{self.info.summary()}; runs on {self.device}, {where}{loras}"
-
-    def __repr__(self):  # ComfyUI shows node inputs in error reports: one line, not two module trees
-        return f"Ideogram4Model({self.summary()})"
 
 
 def load_model(path, uncond_path=None, *, compute_dtype="auto", kernel="auto", memory_mode="auto",
@@ -397,14 +325,6 @@ def upsample(text_encoder_path, idea: str, *, width: int = 1024, height: int = 1
 # Sampling
 
 
-_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-
-
-class DeviceMemoryError(Ideogram4Error, _OUT_OF_MEMORY):
-    """Out of GPU memory while sampling, with the memory modes that would fit. Still a torch OutOfMemoryError, so
-    ComfyUI treats it as one (it unloads models and shows its out-of-memory tip)."""
-
-
 def sample_latents(model: Ideogram4Model, conditioning: TextConditioning, *, width: int, height: int, seed: int = 0,
                    batch_size: int = 1, preset: str = "default", callback: ProgressCallback | None = None,
                    free_bytes: int | None = None, make_room: Callable[[int], None] | None = None,
@@ -430,7 +350,7 @@ def sample_latents(model: Ideogram4Model, conditioning: TextConditioning, *, wid
             projected = model.cond_branch.project_text(features.to(model.device))
             tokens = sample(model.cond_branch, model.uncond_branch, projected, width, height, seed=int(seed),
                             batch_size=batch_size, settings=settings, callback=callback)
-    except _OUT_OF_MEMORY as exc:
+    except TORCH_OUT_OF_MEMORY as exc:
         raise _out_of_memory(model, width, height, conditioning.token_count, exc) from exc
     return tokens_to_latent_dict(tokens.cpu(), *grid)
 
@@ -461,14 +381,48 @@ def load_vae(path, *, dtype="auto", device=None) -> Flux2VAEDecoder:
     device = resolve_device(device)
     if dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return Flux2VAEDecoder.from_file(path, dtype=resolve_dtype(dtype, device), device=device)
+    return load_vae_decoder(path, dtype=resolve_dtype(dtype, device), device=device)
 
 
 def decode(vae: Flux2VAEDecoder, latent: dict, *, tiled: str = "auto", free_memory_bytes: int | None = None,
-           norm: LatentNorm | None = None, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
-    """Our LATENT -> ComfyUI IMAGE (B, H, W, 3) float32 in [0, 1]."""
+           norm: LatentNorm | None = None, progress: Callable[[int, int], None] | None = None,
+           make_room: Callable[[int], int | None] | None = None) -> torch.Tensor:
+    """Our LATENT -> ComfyUI IMAGE (B, H, W, 3) float32 in [0, 1]: plan (whole, row bands or tiles), decode.
+
+    make_room(bytes) -> free bytes (or None: ask the device): called first with the computed peak of an untiled
+    decode, so that ComfyUI can make room for it (it may evict the DiT); tiling is then planned against the free
+    bytes it returns, in place of `free_memory_bytes`."""
+    if make_room is not None:
+        grid_h, grid_w = latent["samples"].shape[-2:]
+        f = 2 * vae.scale_factor
+        peak = estimate_decode_peak(vae.config, grid_h * f, grid_w * f, dtype=vae.dtype, device=vae.device)
+        free_memory_bytes = make_room(peak.bytes)
     return decode_latents(latent, vae, tiled=tiled, free_memory_bytes=free_memory_bytes, norm=norm,
                           progress=progress)
+
+
+def latent_from_core(latent: dict, vae: Flux2VAEDecoder, vae_name: str) -> dict:
+    """Our LATENT as it is; a core FLUX.2 LATENT converted with the statistics of the VAE file `vae_name`."""
+    if is_ideogram4_latent(latent):
+        return latent
+    if vae.latent_bn is None:
+        raise LatentFormatError(
+            f"This LATENT is not from Ideogram4 Sampler, and {vae_name} carries no latent statistics to "
+            "convert a core FLUX.2 latent; use ComfyUI's flux2-vae.safetensors or decode with core VAE "
+            "Decode.")
+    return from_comfy_flux2(latent, vae.latent_bn)
+
+
+def latent_to_core(latent: dict, vae_path, vae_name: str) -> dict:
+    """Our LATENT -> core's FLUX.2 LATENT, normalised with the statistics of the VAE file core's VAE Decode loads."""
+    if not is_ideogram4_latent(latent):
+        raise LatentFormatError("This LATENT is not from Ideogram4 Sampler (it is probably already a core "
+                                "FLUX.2 latent); connect the sampler's output.")
+    vae = load_vae(vae_path, dtype="fp32", device="cpu")
+    if vae.latent_bn is None:
+        raise LatentFormatError(f"{vae_name} carries no latent statistics (bn.running_mean/var); core's FLUX.2 "
+                                "VAE Decode needs ComfyUI's flux2-vae.safetensors.")
+    return to_comfy_flux2(latent, vae.latent_bn)
 
 
 def save_png(image: torch.Tensor, path) -> list[str]:

@@ -17,7 +17,7 @@ What it does, in order (every part on the same device, in the same process):
    attention and the rest; the final latents of every format are compared with Q4_K's;
 5. memory: peak device memory of the pipeline (text projection of fake (n, 53248) features, one step, VAE decode
    with a random FLUX.2-size decoder) per memory mode and size. CUDA: measured (max_memory_allocated). CPU:
-   measured with the profiler's allocation trace at the run size, and computed (models/residency.py
+   measured with the profiler's allocation trace at the run size, and computed (models/memory_plan.py
    `estimate_peak_bytes`) for the full-size model at --memory-sizes;
 6. host RSS, targets, a table (printed last) and --json.
 """
@@ -40,12 +40,8 @@ from pathlib import Path
 import torch
 from ideogram4_gguf.models.dit import Ideogram4Config, default_compute_dtype
 from ideogram4_gguf.models.dit_loader import load_dit_branches
-from ideogram4_gguf.models.residency import (
-    MEMORY_MODES,
-    estimate_peak_bytes,
-    place_branches,
-    stored_bytes,
-)
+from ideogram4_gguf.models.memory_plan import MEMORY_MODES, estimate_peak_bytes, module_stored_bytes
+from ideogram4_gguf.models.residency import place_branches
 from ideogram4_gguf.sampler.flow import sample
 from ideogram4_gguf.sampler.presets import sampler_settings
 
@@ -326,7 +322,7 @@ def _pipeline_once(cond, uncond, features, side, vae, seed, card_bytes=None, in_
     """Text projection, one sampler step and (with a VAE) the decode. With `card_bytes` the decode plans for a card
     of that size, as the nodes do from ComfyUI's free-memory figure: the card minus what `in_use()` says is taken.
     Returns the decode plan used (empty without a VAE)."""
-    from ideogram4_gguf.models.vae import decode_latents, plan_decode
+    from ideogram4_gguf.models.vae_tiling import decode_latents, plan_decode
 
     projected = cond.project_text(features)
     latents = sample(cond, uncond, projected, side, side, seed=seed,
@@ -411,7 +407,7 @@ def measure_memory_cpu(cond, uncond, modes, side, text_tokens, vae, prefetch, se
 
 
 def computed_memory(config, cond_bytes, uncond_bytes, modes, sizes, text_tokens, dtype, vae_config, prefetch):
-    from ideogram4_gguf.models.vae import estimate_decode_peak
+    from ideogram4_gguf.models.vae_tiling import estimate_decode_peak
 
     rows = []
     for mode in modes:
@@ -600,7 +596,7 @@ def _memory(report, args, device, dtype, preset, config, width, text_tokens):
     vae = None if args.no_decode else _vae(preset, "cpu" if device.type == "cuda" else device, dtype)
     card_bytes = None if args.card_gb is None else int(args.card_gb * 1e9)
     cond, uncond = _load_branches("q4_k", report["files"], dtype, args.kernel, device)
-    cond_bytes, uncond_bytes = stored_bytes(cond), stored_bytes(uncond)
+    cond_bytes, uncond_bytes = module_stored_bytes(cond), module_stored_bytes(uncond)
     report["model"]["stored_bytes"] = {"cond": cond_bytes, "uncond": uncond_bytes}
     if device.type == "cuda":
         report["memory"]["measured"] = measure_memory_cuda(cond, uncond, device, args.modes, args.memory_sizes,

@@ -35,6 +35,7 @@ def run_case(case):
 
     import torch
     from ideogram4_gguf.models import vae as V
+    from ideogram4_gguf.models import vae_tiling as T
 
     torch.set_num_threads(case["threads"])
     dtype = getattr(torch, case["dtype"])
@@ -51,12 +52,12 @@ def run_case(case):
     size, band = case["size"], case["band_bytes"]
     latent = torch.randn(1, 32, size // 8, size // 8).to(dtype)
     if case["tile_px"]:
-        run = lambda z: vae.decode_tiled(z, case["tile_px"], head_levels=case["head_levels"], band_bytes=band)
-        estimate = V.estimate_decode_peak(config, size, size, dtype, band_bytes=band, tile_px=case["tile_px"],
+        run = lambda z: T.decode_tiled(vae, z, case["tile_px"], head_levels=case["head_levels"], band_bytes=band)
+        estimate = T.estimate_decode_peak(config, size, size, dtype, band_bytes=band, tile_px=case["tile_px"],
                                           head_levels=case["head_levels"], device="cpu")
     else:
         run = lambda z: vae.decode(z, band_bytes=band)
-        estimate = V.estimate_decode_peak(config, size, size, dtype, band_bytes=band, device="cpu")
+        estimate = T.estimate_decode_peak(config, size, size, dtype, band_bytes=band, device="cpu")
     run(torch.randn(1, 32, 16, 16).to(dtype))  # warm-up: oneDNN kernels, thread pools
     with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
         clear.write("5")  # reset VmHWM to the current resident size
@@ -65,7 +66,7 @@ def run_case(case):
     out = run(latent)
     seconds = time.perf_counter() - start
     peak = _status_kib("VmHWM")
-    full = V.estimate_decode_peak(V.Flux2VAEConfig(), size, size, torch.bfloat16,
+    full = T.estimate_decode_peak(V.Flux2VAEConfig(), size, size, torch.bfloat16,
                                   band_bytes=band, tile_px=case["tile_px"] or None, head_levels=case["head_levels"])
     print(json.dumps({
         **case, "measured_mib": (peak - before) / 1024, "estimate_mib": estimate.bytes / 2**20,

@@ -298,7 +298,7 @@ def _embedding(view: WeightSource, device, compute_dtype) -> nn.Module:
     return DenseEmbedding(view.tensor(name, None, device))
 
 
-def stored_bytes(view: WeightSource, names) -> int:
+def source_stored_bytes(view: WeightSource, names) -> int:
     """Bytes the named tensors occupy in their stored form (what `QuantLinear`/`Fp8Linear` keep)."""
     return sum(view.stored_nbytes(name) for name in names)
 
@@ -311,7 +311,7 @@ def _auto_embed_device(view: WeightSource, num_layers: int, device) -> str | tor
         return device
     free, _ = torch.cuda.mem_get_info(device)
     layers = [k for k in view.keys() if (m := _LAYER_NAME.fullmatch(k)) and int(m.group(1)) < num_layers]
-    needed = stored_bytes(view, layers + ["embed_tokens.weight"]) + (1 << 30)
+    needed = source_stored_bytes(view, layers + ["embed_tokens.weight"]) + (1 << 30)
     return "cpu" if needed > free else device
 
 

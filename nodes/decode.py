@@ -5,9 +5,6 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .. import pipeline
-from ..errors import LatentFormatError
-from ..models.latents import from_comfy_flux2, is_ideogram4_latent
-from ..models.vae import estimate_decode_peak
 from . import comfy_adapter as comfy
 from . import validation
 from .types import CATEGORY
@@ -52,19 +49,13 @@ class IG4VAEDecode(io.ComfyNode):
         path = comfy.model_path(comfy.VAE_FOLDER, vae_name)
         device = comfy.torch_device()
         vae = pipeline.load_vae(path, device=device)  # small (0.1 GB decoder): loaded per run, freed after
-        if not is_ideogram4_latent(latent):
-            if vae.latent_bn is None:
-                raise LatentFormatError(
-                    f"This LATENT is not from Ideogram4 Sampler, and {vae_name} carries no latent statistics to "
-                    "convert a core FLUX.2 latent; use ComfyUI's flux2-vae.safetensors or decode with core VAE "
-                    "Decode.")
-            latent = from_comfy_flux2(latent, vae.latent_bn)
-        # Ask ComfyUI to make room for an untiled decode first (it may evict our DiT); tile only if still short.
-        grid_h, grid_w = latent["samples"].shape[-2:]
-        f = 2 * vae.scale_factor
-        peak = estimate_decode_peak(vae.config, grid_h * f, grid_w * f, dtype=vae.dtype, device=device)
-        comfy.make_room(peak.bytes, device)
-        free = comfy.free_memory_bytes(device)
-        image = pipeline.decode(vae, latent, tiled=tiled, free_memory_bytes=free,
+        latent = pipeline.latent_from_core(latent, vae, vae_name)
+
+        def make_room(needed):
+            # ComfyUI makes room for an untiled decode first (it may evict our DiT); tiles only if still short.
+            comfy.make_room(needed, device)
+            return comfy.free_memory_bytes(device)
+
+        image = pipeline.decode(vae, latent, tiled=tiled, make_room=make_room,
                                 progress=comfy.node_progress(cls.hidden.unique_id))
         return io.NodeOutput(image)

@@ -8,7 +8,6 @@ from comfy_api.latest import io, ui
 
 from .. import pipeline
 from ..errors import Ideogram4Error, ModelFileError
-from ..models.text_encoder import unload_text_encoder
 from . import comfy_adapter as comfy
 from . import validation
 from .types import CATEGORY, DTYPES, Ideogram4Conditioning
@@ -110,7 +109,7 @@ class IG4TextEncode(io.ComfyNode):
                 comfy.keep_loaded(encoder, device, on_unload=lambda: _forget(key))
             elif not keep_loaded:
                 _kept.pop(key, None)
-                unload_text_encoder(encoder)
+                pipeline.unload_text_encoder(encoder)
         lines = [f"{conditioning.token_count} tokens"] + [f"warning: {w}" for w in conditioning.warnings]
         return io.NodeOutput(conditioning, core_conditioning(conditioning), ui=ui.PreviewText("\n".join(lines)))
 
@@ -144,4 +143,4 @@ def _queue_tokenizer(text_encoder, source):
 def _forget(key):
     encoder = _kept.pop(key, None)
     if encoder is not None:
-        unload_text_encoder(encoder)
+        pipeline.unload_text_encoder(encoder)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from ..errors import PromptError
-from ..prompts.caption import canonicalize, minify, parse_elements, parse_palette, style_description, validate_caption
+from .. import pipeline
 from .types import CATEGORY
 
 STYLES = ["none", "photo", "art"]
@@ -48,22 +47,7 @@ class IG4JsonPrompt(io.ComfyNode):
     @classmethod
     def execute(cls, high_level_description, background, elements, style="none", aesthetics="", lighting="",
                 medium="", photo_or_art_style="", color_palette=""):
-        if not background.strip():
-            raise PromptError("Ideogram4 JSON Prompt: the background is required (e.g. 'a plain white wall').")
-        caption = {}
-        if high_level_description.strip():
-            caption["high_level_description"] = high_level_description.strip()
-        if style != "none":
-            detail = photo_or_art_style.strip()
-            caption["style_description"] = style_description(
-                aesthetics.strip(), lighting.strip(), medium.strip(),
-                photo=detail if style == "photo" else None, art_style=detail if style == "art" else None,
-                color_palette=parse_palette(color_palette))
-        caption["compositional_deconstruction"] = {"background": background.strip(), "elements": parse_elements(elements)}
-        issues = validate_caption(caption)
-        errors = [i for i in issues if i.severity == "error"]
-        if errors:
-            raise PromptError("The caption is not valid: " + "; ".join(str(i) for i in errors))
-        text = minify(canonicalize(caption))
+        text, issues = pipeline.caption_from_form(high_level_description, background, elements, style, aesthetics,
+                                                  lighting, medium, photo_or_art_style, color_palette)
         report = "\n".join([f"{i.severity}: {i}" for i in issues] or ["caption OK"])
         return io.NodeOutput(text, ui=ui.PreviewText(report + "\n\n" + text))

@@ -5,8 +5,6 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .. import pipeline
-from ..errors import LatentFormatError
-from ..models.latents import is_ideogram4_latent, to_comfy_flux2
 from . import comfy_adapter as comfy
 from . import validation
 from .types import CATEGORY
@@ -42,11 +40,4 @@ class IG4LatentToFlux2(io.ComfyNode):
 
     @classmethod
     def execute(cls, latent, vae_name):
-        if not is_ideogram4_latent(latent):
-            raise LatentFormatError("This LATENT is not from Ideogram4 Sampler (it is probably already a core "
-                                    "FLUX.2 latent); connect the sampler's output.")
-        vae = pipeline.load_vae(comfy.model_path(comfy.VAE_FOLDER, vae_name), dtype="fp32", device="cpu")
-        if vae.latent_bn is None:
-            raise LatentFormatError(f"{vae_name} carries no latent statistics (bn.running_mean/var); core's FLUX.2 "
-                                    "VAE Decode needs ComfyUI's flux2-vae.safetensors.")
-        return io.NodeOutput(to_comfy_flux2(latent, vae.latent_bn))
+        return io.NodeOutput(pipeline.latent_to_core(latent, comfy.model_path(comfy.VAE_FOLDER, vae_name), vae_name))

@@ -15,7 +15,6 @@ from comfy_api.latest import io
 
 from .. import pipeline
 from ..errors import ModelFileError
-from ..ops import KERNELS
 from . import comfy_adapter as comfy
 from . import validation
 from .types import CATEGORY, DTYPES, Ideogram4Model
@@ -130,7 +129,8 @@ class IG4LoaderAdvanced(io.ComfyNode):
                 io.Combo.Input("memory_mode", options=list(pipeline.MEMORY_MODES), default="auto",
                                tooltip=MEMORY_TOOLTIP),
                 io.Combo.Input("compute_dtype", options=DTYPES, default="auto", tooltip=DTYPE_TOOLTIP),
-                io.Combo.Input("dequant_kernel", options=list(KERNELS), default="auto", tooltip=KERNEL_TOOLTIP),
+                io.Combo.Input("dequant_kernel", options=list(pipeline.KERNELS), default="auto",
+                               tooltip=KERNEL_TOOLTIP),
                 io.String.Input("branch_prefixes", default="",
                                 tooltip="Only for a two-branch file whose tensor prefixes do not say which branch is "
                                         "which: 'cond_prefix,uncond_prefix' (an empty side: bare names). Empty: "
@@ -168,7 +168,8 @@ class IG4ModelLoader(io.ComfyNode):
             inputs=[
                 *file_inputs(comfy.model_files(comfy.DIT_FOLDER)),
                 io.Combo.Input("compute_dtype", options=DTYPES, default="auto", tooltip=DTYPE_TOOLTIP),
-                io.Combo.Input("dequant_kernel", options=list(KERNELS), default="auto", tooltip=KERNEL_TOOLTIP),
+                io.Combo.Input("dequant_kernel", options=list(pipeline.KERNELS), default="auto",
+                               tooltip=KERNEL_TOOLTIP),
                 io.Combo.Input("memory_mode", options=list(pipeline.MEMORY_MODES), default="auto",
                                tooltip=MEMORY_TOOLTIP),
             ],

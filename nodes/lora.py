@@ -8,7 +8,6 @@ from comfy_api.latest import io, ui
 
 from .. import pipeline
 from ..errors import ModelFileError
-from ..models.lora import BRANCH_CHOICES
 from . import comfy_adapter as comfy
 from . import validation
 from .types import CATEGORY, Ideogram4Model
@@ -35,7 +34,7 @@ class IG4LoraLoader(io.ComfyNode):
                                tooltip="A LoRA for Ideogram 4 in models/loras (.safetensors)."),
                 io.Float.Input("strength", default=1.0, min=-10.0, max=10.0, step=0.01,
                                tooltip="How much of the LoRA: 1 = as trained, 0 = off, negative = the opposite."),
-                io.Combo.Input("branch", options=list(BRANCH_CHOICES), default="auto",
+                io.Combo.Input("branch", options=list(pipeline.BRANCH_CHOICES), default="auto",
                                tooltip="Which DiT it patches. auto: the branch the file was trained for (its key "
                                        "prefix or file name says 'uncond'; else the conditional one, as most LoRAs); "
                                        "cond / uncond: that branch; both: both branches."),
@@ -50,8 +49,8 @@ class IG4LoraLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, strength=None, branch=None):
-        if branch is not None and branch not in BRANCH_CHOICES:
-            return f"branch must be one of {', '.join(BRANCH_CHOICES)}, got {branch!r}"
+        if branch is not None and branch not in pipeline.BRANCH_CHOICES:
+            return f"branch must be one of {', '.join(pipeline.BRANCH_CHOICES)}, got {branch!r}"
         return validation.first_problem(validation.number("strength", strength, -10.0, 10.0))
 
     @classmethod

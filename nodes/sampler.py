@@ -11,8 +11,6 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .. import pipeline
-from ..sampler.flow import MAX_SIDE, MIN_SIDE, PIXELS_PER_TOKEN, token_grid
-from ..sampler.presets import PRESETS, TERMINALS, sampler_settings
 from . import comfy_adapter as comfy
 from . import validation
 from .types import CATEGORY, Ideogram4Conditioning, Ideogram4Model
@@ -41,7 +39,7 @@ class IG4Sampler(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="Noise seed; the noise is drawn on the CPU in token order, so a seed gives the "
                                      "same image on every device."),
-                io.Combo.Input("preset", options=list(PRESETS), default="default",
+                io.Combo.Input("preset", options=list(pipeline.PRESETS), default="default",
                                tooltip="quality: 48 steps (mu 0, std 1.5); default: 20 steps (mu 0, std 1.75); "
                                        "turbo: 12 steps (mu 0.5, std 1.75). Guidance 7 with 3.0 for the last 3/2/1 "
                                        "polish steps."),
@@ -58,7 +56,7 @@ class IG4Sampler(io.ComfyNode):
                                tooltip="Logit-normal mean before the resolution shift (used with custom_schedule)."),
                 io.Float.Input("std", default=1.75, min=0.1, max=5.0, step=0.05,
                                tooltip="Logit-normal spread (used with custom_schedule)."),
-                io.Combo.Input("terminal", options=list(TERMINALS), default="official",
+                io.Combo.Input("terminal", options=list(pipeline.TERMINALS), default="official",
                                tooltip="official: stop at t = 0.99945 as the official code; one: integrate to t = 1 "
                                        "as diffusers and ComfyUI core do."),
             ],
@@ -78,6 +76,7 @@ class IG4Sampler(io.ComfyNode):
     def execute(cls, model, conditioning, width, height, batch_size, seed, preset="default", steps=0, guidance=0.0,
                 polish_steps=-1, polish_guidance=0.0, custom_schedule=False, mu=0.0, std=1.75,
                 terminal="official"):
+        # 0 / -1 widget values: the preset's
         overrides = dict(
             steps=steps or None,
             guidance=guidance or None,
@@ -87,26 +86,21 @@ class IG4Sampler(io.ComfyNode):
             std=std if custom_schedule else None,
             terminal=terminal,
         )
-        settings = sampler_settings(preset, **overrides)
-        progress = comfy.SamplingProgress(settings.steps, node_id=cls.hidden.unique_id, grid=token_grid(width, height))
-        latent = pipeline.sample_latents(
-            model, conditioning, width=width, height=height, seed=seed, batch_size=batch_size, preset=preset,
-            callback=progress, free_bytes=comfy.memory_for_planning(model.device),
-            make_room=lambda needed: comfy.make_room(needed, model.device), **overrides)
-        comfy.track_placement(model)
-        return io.NodeOutput(latent)
+        return run(cls, model, conditioning, width, height, batch_size, seed, preset, **overrides)
 
 
-DEFAULT = PRESETS["default"]
+DEFAULT = pipeline.PRESETS["default"]
 
 
 def image_inputs():
     return [
         Ideogram4Model.Input("model", tooltip="From Ideogram4 Q4_K Loader (or Ideogram4 LoRA)."),
         Ideogram4Conditioning.Input("conditioning", tooltip="From Qwen3-VL Encode."),
-        io.Int.Input("width", default=1024, min=MIN_SIDE, max=MAX_SIDE, step=PIXELS_PER_TOKEN,
+        io.Int.Input("width", default=1024, min=pipeline.MIN_SIDE, max=pipeline.MAX_SIDE,
+                     step=pipeline.PIXELS_PER_TOKEN,
                      tooltip="Image width in pixels: a multiple of 16, 256..2048 (trained around 2 MP)."),
-        io.Int.Input("height", default=1024, min=MIN_SIDE, max=MAX_SIDE, step=PIXELS_PER_TOKEN,
+        io.Int.Input("height", default=1024, min=pipeline.MIN_SIDE, max=pipeline.MAX_SIDE,
+                     step=pipeline.PIXELS_PER_TOKEN,
                      tooltip="Image height in pixels: a multiple of 16, 256..2048."),
         io.Int.Input("batch_size", default=1, min=1, max=pipeline.MAX_BATCH, tooltip="Images per run (one prompt)."),
         io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
@@ -116,8 +110,8 @@ def image_inputs():
 
 
 def run(cls, model, conditioning, width, height, batch_size, seed, preset="default", **settings):
-    steps = sampler_settings(preset, **settings).steps
-    progress = comfy.SamplingProgress(steps, node_id=cls.hidden.unique_id, grid=token_grid(width, height))
+    steps = pipeline.sampler_settings(preset, **settings).steps
+    progress = comfy.SamplingProgress(steps, node_id=cls.hidden.unique_id, grid=pipeline.token_grid(width, height))
     latent = pipeline.sample_latents(
         model, conditioning, width=width, height=height, seed=seed, batch_size=batch_size, preset=preset,
         callback=progress, free_bytes=comfy.memory_for_planning(model.device),
@@ -140,7 +134,7 @@ class IG4PresetSampler(io.ComfyNode):
                         "default: 20 steps (std 1.75, 2 polish); turbo: 12 steps (mu 0.5, std 1.75, 1 polish). "
                         "Every value shown: Ideogram4 Sampler (advanced).",
             inputs=[*image_inputs(),
-                    io.Combo.Input("preset", options=list(PRESETS), default="default",
+                    io.Combo.Input("preset", options=list(pipeline.PRESETS), default="default",
                                    tooltip="quality: 48 steps; default: 20 steps; turbo: 12 steps (the official "
                                            "presets, all their values).")],
             outputs=[io.Latent.Output(display_name="latent",
@@ -179,7 +173,7 @@ class IG4SamplerAdvanced(io.ComfyNode):
                                tooltip="Logit-normal mean before the resolution shift (higher: more steps near the "
                                        "noise end)."),
                 io.Float.Input("std", default=DEFAULT.std, min=0.1, max=5.0, step=0.05, tooltip="Logit-normal spread."),
-                io.Combo.Input("terminal", options=list(TERMINALS), default="official",
+                io.Combo.Input("terminal", options=list(pipeline.TERMINALS), default="official",
                                tooltip="official: stop at t = 0.99945 as the official code; one: integrate to t = 1 "
                                        "as diffusers and ComfyUI core do."),
             ],

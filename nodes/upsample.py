@@ -6,7 +6,6 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from .. import pipeline
-from ..sampler.flow import MAX_SIDE, MIN_SIDE, PIXELS_PER_TOKEN
 from . import comfy_adapter as comfy
 from . import validation
 from .types import CATEGORY
@@ -33,9 +32,11 @@ class IG4PromptUpsample(io.ComfyNode):
                                        "encoder plus the head below."),
                 io.String.Input("idea", multiline=True, default="",
                                 tooltip="A few words about the picture; quoted words become text in the image."),
-                io.Int.Input("width", default=1024, min=MIN_SIDE, max=MAX_SIDE, step=PIXELS_PER_TOKEN,
+                io.Int.Input("width", default=1024, min=pipeline.MIN_SIDE, max=pipeline.MAX_SIDE,
+                             step=pipeline.PIXELS_PER_TOKEN,
                              tooltip="The image's width: the caption is written for this aspect ratio."),
-                io.Int.Input("height", default=1024, min=MIN_SIDE, max=MAX_SIDE, step=PIXELS_PER_TOKEN,
+                io.Int.Input("height", default=1024, min=pipeline.MIN_SIDE, max=pipeline.MAX_SIDE,
+                             step=pipeline.PIXELS_PER_TOKEN,
                              tooltip="The image's height."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
                              tooltip="The sampling seed (another seed, another caption)."),

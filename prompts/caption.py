@@ -548,3 +548,27 @@ def parse_elements(text: str) -> list[dict]:
         else:
             elements.append(obj_element(fields[1], bbox, palette))
     return elements
+
+
+def caption_from_form(high_level_description: str, background: str, elements: str, style: str = "none",
+                      aesthetics: str = "", lighting: str = "", medium: str = "", photo_or_art_style: str = "",
+                      color_palette: str = "") -> tuple[str, list[Issue]]:
+    """The JSON Prompt node's fields -> (minified canonical caption, every issue found); PromptError for a missing
+    background or an invalid caption. style: "none" | "photo" | "art" (photo_or_art_style fills photo or art_style)."""
+    if not background.strip():
+        raise PromptError("Ideogram4 JSON Prompt: the background is required (e.g. 'a plain white wall').")
+    caption = {}
+    if high_level_description.strip():
+        caption["high_level_description"] = high_level_description.strip()
+    if style != "none":
+        detail = photo_or_art_style.strip()
+        caption["style_description"] = style_description(
+            aesthetics.strip(), lighting.strip(), medium.strip(),
+            photo=detail if style == "photo" else None, art_style=detail if style == "art" else None,
+            color_palette=parse_palette(color_palette))
+    caption["compositional_deconstruction"] = {"background": background.strip(), "elements": parse_elements(elements)}
+    issues = validate_caption(caption)
+    errors = [i for i in issues if i.severity == "error"]
+    if errors:
+        raise PromptError("The caption is not valid: " + "; ".join(str(i) for i in errors))
+    return minify(canonicalize(caption)), issues

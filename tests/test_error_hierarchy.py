@@ -7,7 +7,7 @@ import inspect
 import pytest
 import torch
 from ideogram4_gguf import cli, errors, pipeline
-from ideogram4_gguf.models import residency
+from ideogram4_gguf.models import memory_plan, residency
 
 
 def test_every_error_class_of_the_pack_is_an_ideogram4_error():
@@ -22,9 +22,9 @@ def test_an_unknown_memory_mode_is_one_sampling_error_everywhere():
     messages = set()
     for raise_it in (
         lambda: pipeline.load_model("never-opened.gguf", memory_mode="gpu_please"),  # refused before the file
-        lambda: residency.resolve_memory_mode("gpu_please", None, None, "cpu"),
+        lambda: memory_plan.resolve_memory_mode("gpu_please", None, None, "cpu"),
         lambda: residency.place_branches(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), "cpu", mode="gpu_please"),
-        lambda: residency.check_memory_mode("gpu_please"),
+        lambda: memory_plan.check_memory_mode("gpu_please"),
     ):
         with pytest.raises(errors.SamplingError) as caught:
             raise_it()
@@ -32,8 +32,8 @@ def test_an_unknown_memory_mode_is_one_sampling_error_everywhere():
     assert messages == {("memory_mode 'gpu_please' is not one of auto, gpu, stream_uncond, cpu_offload; pick one "
                          "of those (docs/memory.md).")}
     with pytest.raises(errors.SamplingError, match="memory_mode None is not one of"):
-        residency.check_memory_mode(None)
-    assert [residency.check_memory_mode(mode) for mode in residency.MEMORY_MODES] == list(residency.MEMORY_MODES)
+        memory_plan.check_memory_mode(None)
+    assert [memory_plan.check_memory_mode(mode) for mode in memory_plan.MEMORY_MODES] == list(memory_plan.MEMORY_MODES)
 
 
 @pytest.mark.parametrize("error", [errors.ModelFileError("x.gguf is not an Ideogram 4 DiT."),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ideogram4_gguf import pipeline
-from ideogram4_gguf.errors import ModelFileError
+from ideogram4_gguf.errors import Ideogram4Error, ModelFileError
 from ideogram4_gguf.pipeline import TextConditioning
 
 
@@ -99,7 +99,7 @@ def test_out_of_memory_while_sampling_names_the_modes_that_fit(demo_models, monk
         pipeline.sample_latents(model, conditioning, width=256, height=256, seed=1, preset="turbo", steps=2)
     error = caught.value
     # still a torch out-of-memory error (ComfyUI unloads models and shows its tip for those) and one of ours
-    assert isinstance(error, out_of_memory) and isinstance(error, pipeline.Ideogram4Error)
+    assert isinstance(error, out_of_memory) and isinstance(error, Ideogram4Error)
     message = str(error)
     assert "memory mode 'gpu'" in message and "Tried to allocate 2.00 GiB" in message
     for mode in ("gpu", "stream_uncond", "cpu_offload"):

@@ -16,7 +16,7 @@ PACK = "ideogram4_gguf"  # the folder name under custom_nodes = module name = te
 PROBE_PACK = "ig4_test_probe"  # tests/comfyui/probe_pack, loaded beside the pack (test-only)
 WORKFLOWS = ROOT / "workflows"
 SHIPPED = ["ideogram4_q4k_text_to_image", "ideogram4_q4k_json_prompt", "ideogram4_q4k_low_vram",
-           "ideogram4_q4k_lora", "ideogram4_q4k_core_graph"]
+           "ideogram4_q4k_lora", "ideogram4_q4k_core_graph", "ideogram4_q4k_upsample"]
 SAMPLER_NODES = ("IG4PresetSampler", "IG4SamplerAdvanced", "IG4Sampler", "SamplerCustomAdvanced")  # the node that samples, in the pack's and the core graphs
 API_COPY = "api/ideogram4_q4k_text_to_image"
 MIN_VERSION = (0, 25, 0)

@@ -8,6 +8,7 @@ Ideogram4Scheduler) running on our MODELs and CONDITIONING.
 from __future__ import annotations
 
 import json
+import uuid
 
 import pytest
 import torch
@@ -161,30 +162,35 @@ def test_core_graph_latent_decodes_with_the_packs_decoder(comfy, demo_models):
     assert (comfy.base_dir / "output" / image["subfolder"] / image["filename"]).is_file()
 
 
-def test_a_single_branch_file_without_its_pair_is_a_clear_error(comfy, demo_models, tmp_path):
-    files = tiny_files(demo_models)
-    graph = core_graph(files, prefix="bad")
-    single = "ideogram4-single-branch-test.gguf"
-    write_cond_branch(demo_models.dit, comfy.base_dir / "models" / "diffusion_models" / single)
-    graph["load"]["inputs"]["dit_name"] = single
-    history, _, _ = run(comfy, graph)
-    error = status_messages(history)["execution_error"]
-    assert error["node_type"] == "IG4CoreModelLoader"
-    assert "single DiT branch" in error["exception_message"] and "unconditional" in error["exception_message"]
+def _refused_at_queue_time(comfy, graph, name, source, make):
+    """Queue `graph` with `name` (made in diffusion_models by make(path, source), removed afterwards) as the core
+    loader's file: our validate_inputs refuses it before anything runs. Returns the message."""
+    target = comfy.base_dir / "models" / "diffusion_models" / name
+    make(source, target)
+    try:
+        graph["load"]["inputs"]["dit_name"] = name
+        status, response = comfy.queue(graph, uuid.uuid4().hex)
+    finally:
+        target.unlink()  # (the other tests list this folder)
+    assert status == 400 and response["error"]["type"] == "prompt_outputs_failed_validation"
+    error = response["node_errors"]["load"]["errors"][0]
+    assert error["type"] == "custom_validation_failed" and error["extra_info"]["input_name"] == "dit_name"
+    assert name in error["details"]
+    return error["details"]
+
+
+def test_a_single_branch_file_without_its_pair_is_a_clear_error(comfy, demo_models):
+    graph = core_graph(tiny_files(demo_models), prefix="bad")
+    message = _refused_at_queue_time(comfy, graph, "ideogram4-single-branch-test.gguf", demo_models.dit,
+                                     write_cond_branch)
+    assert "single DiT branch" in message and "unconditional" in message
 
 
 def test_a_non_ideogram_gguf_is_a_clear_error(comfy, demo_models):
-    files = tiny_files(demo_models)
-    graph = core_graph(files, prefix="bad2")
-    name = "not-an-ideogram-model.gguf"
-    target = comfy.base_dir / "models" / "diffusion_models" / name
-    if not target.exists():
-        target.symlink_to(demo_models.text_encoder)
-    graph["load"]["inputs"]["dit_name"] = name
-    history, _, _ = run(comfy, graph)
-    error = status_messages(history)["execution_error"]
-    assert error["node_type"] == "IG4CoreModelLoader"
-    assert "not an Ideogram 4 DiT" in error["exception_message"] and name in error["exception_message"]
+    graph = core_graph(tiny_files(demo_models), prefix="bad2")
+    message = _refused_at_queue_time(comfy, graph, "not-an-ideogram-model.gguf", demo_models.text_encoder,
+                                     lambda source, target: target.symlink_to(source))
+    assert "not an Ideogram 4 DiT" in message and "text encoder" in message
 
 
 def test_unload_models_releases_our_core_models(comfy, demo_models):

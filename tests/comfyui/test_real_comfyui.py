@@ -74,6 +74,13 @@ def test_workflow_templates_are_served(comfy):
         assert (status, kind) == (200, "image/jpeg") and body == (WORKFLOWS / f"{name}.jpg").read_bytes()
 
 
+def test_the_templates_category_has_a_readable_name(comfy):
+    # locales/en/main.json, merged into GET /i18n; the category key is the pack's folder name (git clone or
+    # comfy-cli's install folder)
+    category = comfy.get("/i18n")["en"]["templateWorkflows"]["category"]
+    assert category[PACK] == "Ideogram 4 (GGUF)" and category["ideogram4-gguf"] == category[PACK]
+
+
 @pytest.mark.parametrize("name", SHIPPED + [API_COPY])
 def test_shipped_workflow_runs(comfy, object_info, demo_models, demo_lora, name):
     workflow = load(name)
@@ -102,6 +109,10 @@ def test_shipped_workflow_runs(comfy, object_info, demo_models, demo_lora, name)
     if "IG4JsonPrompt" in {e["class_type"] for e in prompt.values()}:
         caption_text = history["outputs"][node_id_of(prompt, "IG4JsonPrompt")]["text"][0]
         assert caption_text.startswith("caption OK") and "BLUE NOTE NIGHTS" in caption_text
+    if "IG4PromptUpsample" in {e["class_type"] for e in prompt.values()}:
+        # the caption the tiny model wrote (or the fallback built from the idea), shown on the node
+        shown = history["outputs"][node_id_of(prompt, "IG4PromptUpsample")]["text"][0]
+        assert "NORTH COAST" in shown and "{" in shown
 
 
 def test_interrupt_mid_sampling(comfy, object_info, demo_models):

@@ -1,4 +1,4 @@
-"""Memory modes (models/residency.py): streamed branches compute exactly what resident ones do.
+"""Memory modes (models/residency.py, models/memory_plan.py): streamed branches compute exactly what resident ones do.
 
 On the CPU the streaming path copies between CPU tensors with the same hooks as on CUDA, so these tests exercise the
 real machinery: outputs against the resident model (exact), no copies left after a forward, the prefetch window,
@@ -9,22 +9,23 @@ run only where a GPU is present.
 import dataclasses
 
 import pytest
-import synthetic  # bench/synthetic.py (bench/ is on the test path: pyproject.toml)
 import torch
 from ideogram4_gguf.errors import SamplingError
-from ideogram4_gguf.models import residency
+from ideogram4_gguf.models import memory_plan, residency
 from ideogram4_gguf.models.dit import Ideogram4Config, Ideogram4DiT
 from ideogram4_gguf.models.dit_loader import load_dit_branches
-from ideogram4_gguf.models.residency import (
+from ideogram4_gguf.models.memory_plan import (
     MEMORY_MODES,
     estimate_peak_bytes,
-    place_branches,
+    module_stored_bytes,
     resolve_memory_mode,
-    stored_bytes,
 )
+from ideogram4_gguf.models.residency import place_branches
 from ideogram4_gguf.ops import Fp8Linear, QuantLinear, StateDictSource
 from ideogram4_gguf.sampler.flow import sample
 from ideogram4_gguf.sampler.presets import sampler_settings
+
+import synthetic  # bench/synthetic.py (bench/ is on the test path: pyproject.toml)
 
 TINY = synthetic.PRESETS["tiny"]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
@@ -253,7 +254,7 @@ def test_summary_names_the_mode_and_branches(q4_k_file):
     placement = place_branches(cond, uncond, "cpu", "stream_uncond", prefetch=2)
     text = placement.summary()
     assert "stream_uncond" in text and "cond resident" in text and "uncond streamed" in text and "2 unit" in text
-    assert placement.uncond.stored_bytes == stored_bytes(uncond) > 0
+    assert placement.uncond.stored_bytes == module_stored_bytes(uncond) > 0
     # only embed_image_indicator stays put in a streamed branch: 2 rows x hidden, float32
     assert placement.uncond.device_bytes == 2 * TINY.hidden_size * 4
     placement.release()
@@ -270,7 +271,8 @@ def test_resolve_memory_mode(tmp_path):
         resolve_memory_mode("low_vram", cond, uncond, "cpu")
     # On CUDA "auto" compares the computed peaks with the free memory (free_bytes given: no GPU needed to decide).
     sizes = {"width": 512, "height": 512, "text_tokens": 32}
-    peaks = {m: estimate_peak_bytes(m, config, stored_bytes(cond), stored_bytes(uncond), compute_dtype=torch.float32,
+    peaks = {m: estimate_peak_bytes(m, config, module_stored_bytes(cond), module_stored_bytes(uncond),
+                                    compute_dtype=torch.float32,
                                     **sizes).total for m in ("gpu", "stream_uncond", "cpu_offload")}
     assert peaks["gpu"] > peaks["stream_uncond"] > peaks["cpu_offload"]
     for free, expected in ((peaks["gpu"] / 0.9 + 1, "gpu"), (peaks["gpu"] / 0.9 - 1, "stream_uncond"),
@@ -317,7 +319,7 @@ def test_block_estimate_matches_cpu_allocation_trace(tmp_path, kind):
         if measured is None:
             pytest.skip("this torch build's profiler exposes no allocation events")
         rows = text + grid[0] * grid[1]
-        estimated = residency._block_peak_bytes(config, rows, 4, 4, dense_weights=kind == "q4_k")
+        estimated = memory_plan._block_peak_bytes(config, rows, 4, 4, dense_weights=kind == "q4_k")
         assert 0.85 * measured <= estimated <= 1.15 * measured, (rows, measured, estimated)
 
 
@@ -341,7 +343,7 @@ def test_cuda_streaming_frees_device_copies(q4_k_file):
     placement = place_branches(cond, uncond, "cuda", "stream_uncond")
     assert all(h.is_pinned() for unit in placement.uncond.streamer.units.values() for h in unit.hosts)
     placed = torch.cuda.memory_allocated()
-    assert placed - base < stored_bytes(cond) + stored_bytes(uncond) // 2
+    assert placed - base < module_stored_bytes(cond) + module_stored_bytes(uncond) // 2
     _velocities(cond, uncond, _inputs(TINY, seed=9), "cuda")
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() - placed < 1 << 20  # the uncond copies are gone

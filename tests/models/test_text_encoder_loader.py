@@ -21,7 +21,7 @@ from ideogram4_gguf.models.text_encoder_loader import (
     QuantizedEmbedding,
     load_lm_head,
     load_text_encoder,
-    stored_bytes,
+    source_stored_bytes,
     text_model_view,
 )
 from ideogram4_gguf.models.tokenizer import tokenizer_from_gguf_metadata
@@ -282,7 +282,7 @@ def test_llama_cpp_gguf_k_quants_mixed(wide_state, tmp_path):
 
     gguf_file = open_gguf(path)
     view, _ = text_model_view(open_weights(path))
-    assert stored_bytes(view, view.keys()) == sum(t.nbytes for t in gguf_file.tensors.values())
+    assert source_stored_bytes(view, view.keys()) == sum(t.nbytes for t in gguf_file.tensors.values())
 
     # generation path: every layer, the final norm, and the GGUF's own `output` head
     generator = load_text_encoder(path, compute_dtype=torch.float32, for_generation=True)
