@@ -15,7 +15,7 @@ import torch
 from ideogram4_gguf.models.latents import flux2_to_token_order
 from safetensors.torch import load_file
 
-from .harness import probe, run, run_ok, status_messages, tiny_files, wait_for
+from .harness import probe, run_ok, tiny_files, wait_for
 
 PROMPT = ('{"high_level_description":"A red fox on a blue poster","compositional_deconstruction":{"background":'
           '"blue","elements":[{"type":"text","text":"FOX","desc":"big white letters"}]}}')

@@ -23,7 +23,7 @@ def split_and_fused(branch, seed=9):
     for layer_index, layer in enumerate(branch.layers):
         p = f"layers.{layer_index}."
         hidden = layer.attention.qkv.in_features
-        downs, ups, alphas = [], [], []
+        downs, ups = [], []
         for part in ("to_q", "to_k", "to_v"):
             down = torch.randn(RANK, hidden, generator=g) / hidden ** 0.5
             up = torch.randn(hidden, RANK, generator=g) * 0.5

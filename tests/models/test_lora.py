@@ -16,11 +16,11 @@ import sys
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import dit_files  # noqa: E402
-from dit_reference import TINY, official_state_dict, our_config, reference_velocity, tiny_diffusers_dit  # noqa: E402
+from dit_reference import official_state_dict, our_config, reference_velocity, tiny_diffusers_dit  # noqa: E402
 
 from ideogram4_gguf.errors import ModelFileError  # noqa: E402
 from ideogram4_gguf.models.dit import Ideogram4DiT  # noqa: E402
