@@ -7,7 +7,9 @@ Torch-free so that every layer (and the ComfyUI adapter) can import it cheaply. 
 What a user can meet and what to do about it: docs/errors.md.
 """
 
-QUOTE_LIMIT = 80  # characters of a file's own text (a name, a metadata value) that one message quotes
+# How a message quotes what a file holds (one short line whatever the file holds): written once, in quant_tools
+# (standalone, torch-free), whose shared reader and layout code quote the same way.
+from .quant_tools.errors import QUOTE_LIMIT, quote  # noqa: F401
 
 
 class Ideogram4Error(Exception):
@@ -42,24 +44,3 @@ class LatentFormatError(Ideogram4Error, ValueError):
 class DownloadError(Ideogram4Error):
     """A model download that cannot proceed (gated or missing repository, no network, no disk space, cancelled),
     with the fix in the message."""
-
-
-def quote(value, limit: int = QUOTE_LIMIT) -> str:
-    """`repr` of a value read from a file, cut to about `limit` characters and always on one line.
-
-    Tensor names, metadata strings and arrays come from the file and can be 64 KiB long (or hold newlines): a
-    message quotes them through this, so that it stays one short line whatever the file holds.
-    """
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        value = bytes(value).decode("utf-8", "replace")
-    if isinstance(value, (list, tuple)):
-        shown = ", ".join(quote(v, max(8, limit // 4)) for v in value[:4])
-        if len(value) > 4:
-            shown += f", ... ({len(value)} items)"
-        text = f"({shown})" if isinstance(value, tuple) else f"[{shown}]"
-    else:
-        text = repr(value)  # escapes newlines and control characters
-    if len(text) <= limit:
-        return text
-    size = f" ({len(value)} characters)" if isinstance(value, str) else ""
-    return text[: max(1, limit - 3)] + "..." + size

@@ -16,9 +16,9 @@ class QuantToolError(ValueError):
 def quote(value, limit: int = QUOTE_LIMIT) -> str:
     """`repr` of a value read from a file, cut to about `limit` characters and always on one line.
 
-    Names, metadata strings and arrays come from the file and can be 64 KiB long (or hold newlines). The same
-    function as the pack's `errors.quote` (which quant_tools cannot import; tests/quant_tools/test_standalone.py
-    checks that the two agree), because the messages of the shared code reach the pack's users too.
+    Names, metadata strings and arrays come from the file and can be 64 KiB long (or hold newlines). The pack's
+    `errors.quote` is this function (quant_tools cannot import the pack; the pack imports this), so the messages of
+    the shared code and of the runtime quote alike.
     """
     if isinstance(value, (bytes, bytearray, memoryview)):
         value = bytes(value).decode("utf-8", "replace")

@@ -20,7 +20,7 @@ CORE_ADAPTERS = {"pipeline", "errors", "nodes", "ops", "models", "sampler"}
 MAY_IMPORT = {
     "__init__": {"nodes"},
     "__main__": {"cli"},
-    "errors": set(),
+    "errors": {"quant_tools.errors"},
     "download": {"errors"},
     "cli": {"pipeline", "errors", "demo", "download"},
     "demo": {"pipeline", "models", "prompts", "quant_tools", "errors"},
