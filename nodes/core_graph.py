@@ -28,7 +28,7 @@ from ..sampler.presets import PRESETS, TERMINALS
 from ..sampler.schedule import guidance_schedule, official_sigmas
 from . import comfy_adapter as comfy
 from . import validation
-from .loader import file_inputs
+from .loader import DitFileNode, file_inputs, uncond_path
 from .types import CORE_CATEGORY
 
 DEFAULT = PRESETS["default"]
@@ -36,7 +36,7 @@ LATENT_CHANNELS = 128  # 32 FLUX.2 VAE channels x the DiT's 2x2 patch
 CORE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-class IG4CoreModelLoader(io.ComfyNode):
+class IG4CoreModelLoader(DitFileNode):
     @classmethod
     def define_schema(cls):
         files = comfy.model_files(comfy.DIT_FOLDER)
@@ -61,23 +61,12 @@ class IG4CoreModelLoader(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, dit_name=None, uncond_name=None):
-        from .loader import validate_dit_files
-
-        return validate_dit_files(dit_name, uncond_name)
-
-    @classmethod
-    def fingerprint_inputs(cls, dit_name, uncond_name=None, **_):
-        return comfy.file_fingerprint(comfy.DIT_FOLDER, dit_name, uncond_name)
-
-    @classmethod
     def execute(cls, dit_name, uncond_name=comfy.NONE_CHOICE, compute_dtype="auto"):
         from .core_model import load_core_models
 
         path = comfy.model_path(comfy.DIT_FOLDER, dit_name)
-        uncond = None if uncond_name in (None, "", comfy.NONE_CHOICE) else comfy.model_path(comfy.DIT_FOLDER,
-                                                                                              uncond_name)
-        cond_model, uncond_model, _ = load_core_models(path, uncond, dtype=CORE_DTYPES[compute_dtype])
+        cond_model, uncond_model, _ = load_core_models(path, uncond_path(uncond_name),
+                                                       dtype=CORE_DTYPES[compute_dtype])
         return io.NodeOutput(cond_model, uncond_model)
 
 
@@ -116,7 +105,7 @@ class IG4OfficialSigmas(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, mu=None, std=None):
-        return validation.first_problem(validation.number("mu", mu, -5.0, 5.0), validation.number("std", std, 0.1, 5.0))
+        return validation.numbers(cls, mu=mu, std=std)
 
     @classmethod
     def execute(cls, steps, width, height, mu=DEFAULT.mu, std=DEFAULT.std, terminal="official", latent=None):
@@ -223,8 +212,7 @@ class IG4OfficialGuider(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, guidance=None, polish_guidance=None):
-        return validation.first_problem(validation.number("guidance", guidance, 0.0, 30.0),
-                                        validation.number("polish_guidance", polish_guidance, 0.0, 30.0))
+        return validation.numbers(cls, guidance=guidance, polish_guidance=polish_guidance)
 
     @classmethod
     def execute(cls, model, model_uncond, positive, guidance=DEFAULT.guidance, polish_steps=DEFAULT.polish_steps,

@@ -51,9 +51,34 @@ def validate_dit_files(dit_name, uncond_name, branch_prefixes=None):
         prefixes = parse_branch_prefixes(branch_prefixes)
     except ModelFileError as exc:
         return str(exc)
-    uncond_path = None if uncond_name in (None, "", comfy.NONE_CHOICE) else comfy.model_path(comfy.DIT_FOLDER,
-                                                                                            uncond_name)
-    return validation.model_file(comfy.DIT_FOLDER, dit_name, pipeline.check_dit_file, uncond_path, prefixes)
+    return validation.model_file(comfy.DIT_FOLDER, dit_name, pipeline.check_dit_file, uncond_path(uncond_name),
+                                 prefixes)
+
+
+def uncond_path(uncond_name):
+    """The path of the `uncond` choice, None for (none)."""
+    return None if uncond_name in (None, "", comfy.NONE_CHOICE) else comfy.model_path(comfy.DIT_FOLDER, uncond_name)
+
+
+class DitFileNode(io.ComfyNode):
+    """What every DiT loader node (ours and the core-MODEL one) does with its `dit` / `uncond` files: checks them
+    at queue time and re-runs when a file changes."""
+
+    @classmethod
+    def validate_inputs(cls, dit_name=None, uncond_name=None):
+        return validate_dit_files(dit_name, uncond_name)
+
+    @classmethod
+    def fingerprint_inputs(cls, dit_name, uncond_name=None, **_):
+        return comfy.file_fingerprint(comfy.DIT_FOLDER, dit_name, uncond_name)
+
+
+def memory_mode_input():
+    return io.Combo.Input("memory_mode", options=list(pipeline.MEMORY_MODES), default="auto", tooltip=MEMORY_TOOLTIP)
+
+
+def model_output():
+    return Ideogram4Model.Output(display_name="model", tooltip="Both DiT branches, for Ideogram4 Sampler.")
 
 
 def parse_branch_prefixes(text):
@@ -74,7 +99,7 @@ _loaded = weakref.WeakValueDictionary()
 def load(dit_name, uncond_name=comfy.NONE_CHOICE, compute_dtype="auto", dequant_kernel="auto", memory_mode="auto",
          branch_prefixes=None):
     path = comfy.model_path(comfy.DIT_FOLDER, dit_name)
-    uncond = None if uncond_name in (None, "", comfy.NONE_CHOICE) else comfy.model_path(comfy.DIT_FOLDER, uncond_name)
+    uncond = uncond_path(uncond_name)
     prefixes = parse_branch_prefixes(branch_prefixes)
     device = comfy.torch_device()
     key = (path, os.path.getmtime(path), uncond, compute_dtype, dequant_kernel, memory_mode, str(device), prefixes)
@@ -86,7 +111,7 @@ def load(dit_name, uncond_name=comfy.NONE_CHOICE, compute_dtype="auto", dequant_
     return model
 
 
-class IG4Loader(io.ComfyNode):
+class IG4Loader(DitFileNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -96,25 +121,16 @@ class IG4Loader(io.ComfyNode):
             search_aliases=["ideogram", "gguf", "ideogram4 loader", "unet loader", "load diffusion model"],
             description=DESCRIPTION,
             inputs=[*file_inputs(comfy.model_files(comfy.DIT_FOLDER)),
-                    io.Combo.Input("memory_mode", options=list(pipeline.MEMORY_MODES), default="auto",
-                                   tooltip=MEMORY_TOOLTIP)],
-            outputs=[Ideogram4Model.Output(display_name="model", tooltip="Both DiT branches, for Ideogram4 Sampler.")],
+                    memory_mode_input()],
+            outputs=[model_output()],
         )
-
-    @classmethod
-    def validate_inputs(cls, dit_name=None, uncond_name=None):
-        return validate_dit_files(dit_name, uncond_name)
-
-    @classmethod
-    def fingerprint_inputs(cls, dit_name, uncond_name=None, **_):
-        return comfy.file_fingerprint(comfy.DIT_FOLDER, dit_name, uncond_name)
 
     @classmethod
     def execute(cls, dit_name, uncond_name=comfy.NONE_CHOICE, memory_mode="auto"):
         return io.NodeOutput(load(dit_name, uncond_name, memory_mode=memory_mode))
 
 
-class IG4LoaderAdvanced(io.ComfyNode):
+class IG4LoaderAdvanced(DitFileNode):
     @classmethod
     def define_schema(cls):
         return io.Schema(
@@ -126,8 +142,7 @@ class IG4LoaderAdvanced(io.ComfyNode):
                                       "prefixes of an unusual two-branch file.",
             inputs=[
                 *file_inputs(comfy.model_files(comfy.DIT_FOLDER)),
-                io.Combo.Input("memory_mode", options=list(pipeline.MEMORY_MODES), default="auto",
-                               tooltip=MEMORY_TOOLTIP),
+                memory_mode_input(),
                 io.Combo.Input("compute_dtype", options=DTYPES, default="auto", tooltip=DTYPE_TOOLTIP),
                 io.Combo.Input("dequant_kernel", options=list(pipeline.KERNELS), default="auto",
                                tooltip=KERNEL_TOOLTIP),
@@ -136,7 +151,7 @@ class IG4LoaderAdvanced(io.ComfyNode):
                                         "which: 'cond_prefix,uncond_prefix' (an empty side: bare names). Empty: "
                                         "decided from the file (the log says which prefix became which branch)."),
             ],
-            outputs=[Ideogram4Model.Output(display_name="model", tooltip="Both DiT branches, for Ideogram4 Sampler.")],
+            outputs=[model_output()],
         )
 
     @classmethod
@@ -144,16 +159,12 @@ class IG4LoaderAdvanced(io.ComfyNode):
         return validate_dit_files(dit_name, uncond_name, branch_prefixes)
 
     @classmethod
-    def fingerprint_inputs(cls, dit_name, uncond_name=None, **_):
-        return comfy.file_fingerprint(comfy.DIT_FOLDER, dit_name, uncond_name)
-
-    @classmethod
     def execute(cls, dit_name, uncond_name=comfy.NONE_CHOICE, memory_mode="auto", compute_dtype="auto",
                 dequant_kernel="auto", branch_prefixes=""):
         return io.NodeOutput(load(dit_name, uncond_name, compute_dtype, dequant_kernel, memory_mode, branch_prefixes))
 
 
-class IG4ModelLoader(io.ComfyNode):
+class IG4ModelLoader(DitFileNode):
     """The loader of workflows saved before the basic / advanced split: unchanged, deprecated."""
 
     @classmethod
@@ -170,19 +181,10 @@ class IG4ModelLoader(io.ComfyNode):
                 io.Combo.Input("compute_dtype", options=DTYPES, default="auto", tooltip=DTYPE_TOOLTIP),
                 io.Combo.Input("dequant_kernel", options=list(pipeline.KERNELS), default="auto",
                                tooltip=KERNEL_TOOLTIP),
-                io.Combo.Input("memory_mode", options=list(pipeline.MEMORY_MODES), default="auto",
-                               tooltip=MEMORY_TOOLTIP),
+                memory_mode_input(),
             ],
-            outputs=[Ideogram4Model.Output(display_name="model", tooltip="Both DiT branches, for Ideogram4 Sampler.")],
+            outputs=[model_output()],
         )
-
-    @classmethod
-    def validate_inputs(cls, dit_name=None, uncond_name=None):
-        return validate_dit_files(dit_name, uncond_name)
-
-    @classmethod
-    def fingerprint_inputs(cls, dit_name, uncond_name=None, **_):
-        return comfy.file_fingerprint(comfy.DIT_FOLDER, dit_name, uncond_name)
 
     @classmethod
     def execute(cls, dit_name, uncond_name=comfy.NONE_CHOICE, compute_dtype="auto", dequant_kernel="auto",

@@ -51,7 +51,7 @@ class IG4LoraLoader(io.ComfyNode):
     def validate_inputs(cls, strength=None, branch=None):
         if branch is not None and branch not in pipeline.BRANCH_CHOICES:
             return f"branch must be one of {', '.join(pipeline.BRANCH_CHOICES)}, got {branch!r}"
-        return validation.first_problem(validation.number("strength", strength, -10.0, 10.0))
+        return validation.numbers(cls, strength=strength)
 
     @classmethod
     def execute(cls, model, lora_name, strength=1.0, branch="auto"):

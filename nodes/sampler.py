@@ -56,21 +56,15 @@ class IG4Sampler(io.ComfyNode):
                                tooltip="Logit-normal mean before the resolution shift (used with custom_schedule)."),
                 io.Float.Input("std", default=1.75, min=0.1, max=5.0, step=0.05,
                                tooltip="Logit-normal spread (used with custom_schedule)."),
-                io.Combo.Input("terminal", options=list(pipeline.TERMINALS), default="official",
-                               tooltip="official: stop at t = 0.99945 as the official code; one: integrate to t = 1 "
-                                       "as diffusers and ComfyUI core do."),
+                terminal_input(),
             ],
-            outputs=[io.Latent.Output(display_name="latent",
-                                      tooltip="Ideogram 4 latent; decode with VAE Decode (Ideogram4).")],
+            outputs=[latent_output()],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def validate_inputs(cls, guidance=None, polish_guidance=None, mu=None, std=None):
-        return validation.first_problem(
-            validation.number("guidance", guidance, 0.0, 30.0),
-            validation.number("polish_guidance", polish_guidance, 0.0, 30.0),
-            validation.number("mu", mu, -5.0, 5.0), validation.number("std", std, 0.1, 5.0))
+        return validation.numbers(cls, guidance=guidance, polish_guidance=polish_guidance, mu=mu, std=std)
 
     @classmethod
     def execute(cls, model, conditioning, width, height, batch_size, seed, preset="default", steps=0, guidance=0.0,
@@ -109,6 +103,16 @@ def image_inputs():
     ]
 
 
+def terminal_input():
+    return io.Combo.Input("terminal", options=list(pipeline.TERMINALS), default="official",
+                          tooltip="official: stop at t = 0.99945 as the official code; one: integrate to t = 1 as "
+                                  "diffusers and ComfyUI core do.")
+
+
+def latent_output():
+    return io.Latent.Output(display_name="latent", tooltip="Ideogram 4 latent; decode with VAE Decode (Ideogram4).")
+
+
 def run(cls, model, conditioning, width, height, batch_size, seed, preset="default", **settings):
     steps = pipeline.sampler_settings(preset, **settings).steps
     progress = comfy.SamplingProgress(steps, node_id=cls.hidden.unique_id, grid=pipeline.token_grid(width, height))
@@ -137,8 +141,7 @@ class IG4PresetSampler(io.ComfyNode):
                     io.Combo.Input("preset", options=list(pipeline.PRESETS), default="default",
                                    tooltip="quality: 48 steps; default: 20 steps; turbo: 12 steps (the official "
                                            "presets, all their values).")],
-            outputs=[io.Latent.Output(display_name="latent",
-                                      tooltip="Ideogram 4 latent; decode with VAE Decode (Ideogram4).")],
+            outputs=[latent_output()],
             hidden=[io.Hidden.unique_id],
         )
 
@@ -173,23 +176,19 @@ class IG4SamplerAdvanced(io.ComfyNode):
                                tooltip="Logit-normal mean before the resolution shift (higher: more steps near the "
                                        "noise end)."),
                 io.Float.Input("std", default=DEFAULT.std, min=0.1, max=5.0, step=0.05, tooltip="Logit-normal spread."),
-                io.Combo.Input("terminal", options=list(pipeline.TERMINALS), default="official",
-                               tooltip="official: stop at t = 0.99945 as the official code; one: integrate to t = 1 "
-                                       "as diffusers and ComfyUI core do."),
+                terminal_input(),
             ],
-            outputs=[io.Latent.Output(display_name="latent",
-                                      tooltip="Ideogram 4 latent; decode with VAE Decode (Ideogram4).")],
+            outputs=[latent_output()],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
     def validate_inputs(cls, steps=None, cfg=None, polish_steps=None, polish_cfg=None, mu=None, std=None):
-        problems = [validation.number("cfg", cfg, 0.0, 30.0), validation.number("polish_cfg", polish_cfg, 0.0, 30.0),
-                    validation.number("mu", mu, -5.0, 5.0), validation.number("std", std, 0.1, 5.0),
-                    validation.number("steps", steps, 1, 200), validation.number("polish_steps", polish_steps, 0, 200)]
-        if isinstance(steps, int) and isinstance(polish_steps, int) and polish_steps > steps:
-            problems.append(f"polish_steps ({polish_steps}) cannot exceed steps ({steps})")
-        return validation.first_problem(*problems)
+        problem = validation.numbers(cls, cfg=cfg, polish_cfg=polish_cfg, mu=mu, std=std, steps=steps,
+                                     polish_steps=polish_steps)
+        if problem is True and isinstance(steps, int) and isinstance(polish_steps, int) and polish_steps > steps:
+            problem = f"polish_steps ({polish_steps}) cannot exceed steps ({steps})"
+        return problem
 
     @classmethod
     def execute(cls, model, conditioning, width, height, batch_size, seed, steps=DEFAULT.steps, cfg=DEFAULT.guidance,

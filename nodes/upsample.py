@@ -54,8 +54,7 @@ class IG4PromptUpsample(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, temperature=None, max_tokens=None):
-        return validation.first_problem(validation.number("temperature", temperature, 0.0, 2.0),
-                                        validation.number("max_tokens", max_tokens, 16, 4096))
+        return validation.numbers(cls, temperature=temperature, max_tokens=max_tokens)
 
     @classmethod
     def execute(cls, text_encoder, idea, width=1024, height=1024, seed=0, temperature=0.7, max_tokens=1024,

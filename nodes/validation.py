@@ -2,7 +2,8 @@
 executes, so a bad number or a wrong file is refused in seconds instead of after minutes of loading.
 
 A `validate_inputs` that names an input takes over ComfyUI's own min / max / list checks for it, so these
-helpers repeat them. They return True or the message ComfyUI shows on the node.
+helpers repeat them (`numbers` reads the bounds from the node's own schema). They return True or the message
+ComfyUI shows on the node.
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ def number(name: str, value, low: float, high: float):
     if not low <= value <= high:
         return f"{name} {value} is outside {low} .. {high}"
     return None
+
+
+def numbers(node_class, **values):
+    """True, or the first problem among `values` (input name -> value) of `node_class`'s number widgets: each must be
+    a finite number within the min / max its schema declares, the bounds the widget itself shows."""
+    bounds = {i.id: (i.min, i.max) for i in node_class.define_schema().inputs if hasattr(i, "min")}
+    return first_problem(*(number(name, value, *bounds[name]) for name, value in values.items()))
 
 
 def first_problem(*problems):

@@ -17,6 +17,11 @@ class _Input:
     options: dict = field(default_factory=dict)
     optional: bool = False
 
+    def __getattr__(self, name):  # min / max of number inputs, as attributes like the real io.Int / io.Float
+        if name in ("min", "max") and self.io_type in ("INT", "FLOAT") and name in self.options:
+            return self.options[name]
+        raise AttributeError(name)
+
     @property
     def is_widget(self):
         return self.io_type in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
