@@ -43,6 +43,19 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 @pytest.fixture
+def interpreter(monkeypatch):
+    """The Triton kernels under Triton's CPU interpreter (tests/ops, tests/bench). TRITON_INTERPRET is read when a
+    kernel is defined, so the pack's cached kernels are rebuilt under it (and after the test); the benchmark's
+    kernels are private copies per kind and need only the flag."""
+    from ideogram4_gguf.ops import triton_dequant
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    triton_dequant._kernels.cache_clear()
+    yield
+    triton_dequant._kernels.cache_clear()
+
+
+@pytest.fixture
 def rng():
     """A numpy Generator with a fresh seed each run; the seed is printed so a failure can be replayed."""
     seed = int(np.random.SeedSequence().entropy % (1 << 32))

@@ -26,15 +26,6 @@ def _reference(packed: torch.Tensor, qtype) -> torch.Tensor:
     return torch.from_numpy(quants.dequantize(packed.cpu().numpy(), qtype))
 
 
-@pytest.fixture
-def interpreter(monkeypatch):
-    # the benchmark's kernels are private copies per kind; the pack's own are rebuilt under the interpreter
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    triton_dequant._kernels.cache_clear()
-    yield
-    triton_dequant._kernels.cache_clear()
-
-
 @pytest.mark.parametrize("case", list(triton_variants.KERNELS), ids=_id)
 def test_every_kernel_matches_gguf_py(case, interpreter, rng):
     qtype, variant = case

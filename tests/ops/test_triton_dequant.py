@@ -15,14 +15,6 @@ from .conftest import random_blocks
 pytest.importorskip("triton", reason="the Triton kernels are tested only where Triton is installed")
 
 
-@pytest.fixture
-def interpreter(monkeypatch):
-    # TRITON_INTERPRET is read when the kernels are defined, so rebuild them under it (and after the test).
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    triton_dequant._kernels.cache_clear()
-    yield
-    triton_dequant._kernels.cache_clear()
-
 
 @pytest.mark.parametrize("qtype", list(triton_dequant.KERNEL_NAMES), ids=lambda q: q.name)
 def test_kernel_matches_gguf_py(qtype, interpreter, rng):
