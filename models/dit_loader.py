@@ -288,8 +288,8 @@ def _two_branch_prefixes(source, label: str, found: set[str], given) -> tuple[st
                 "unconditional branch (uncond, unconditional, negative), e.g. 'conditional_transformer.' + "
                 "'unconditional_transformer.'. Otherwise say which is which with the branch prefixes option "
                 "(branch_prefixes=(cond_prefix, uncond_prefix)).")
-    logger.info("%s: conditional branch = %s*, unconditional branch = %s* (%s)", label, quote(pair[0]),
-                quote(pair[1]), how)
+    # (%.80r: logging formats the prefixes, quoted and cut like `quote`, only when the line is written)
+    logger.info("%s: conditional branch = %.80r*, unconditional branch = %.80r* (%s)", label, pair[0], pair[1], how)
     return pair
 
 

@@ -4,10 +4,9 @@ Contract for the model loaders: docs/ARCHITECTURE.md ("The ops contract").
 """
 
 from .dequant import block_layout, dequantize, packed_shape, supported_qtypes
-from .gguf_file import GGUFFile, GGUFTensor, open_gguf
 from .linear import KERNELS, Fp8Linear, QuantLinear, StoredWeight, dequantize_packed, fp8_dense
-from .weights import (FP8_STORAGE, CombinedSource, GGUFSource, SafetensorsSource, StateDictSource, WeightSource,
-                      open_weights)
+from .weights import (FP8_STORAGE, CombinedSource, GGUFFile, GGUFSource, GGUFTensor, SafetensorsSource,
+                      StateDictSource, WeightSource, open_gguf, open_weights)
 
 __all__ = [
     "open_gguf", "GGUFFile", "GGUFTensor",

@@ -4,6 +4,10 @@ Model loaders ask a source for dense tensors (`tensor`) or for ready Linear laye
 care whether the bytes are GGUF blocks, float8 with a per-row scale, or plain bf16. Name mapping for other
 layouts (prefixes, diffusers names, llama.cpp names) is done with `with_prefix` / `renamed` views, beside
 each model's loader.
+
+A GGUF file is read by quant_tools' torch-free reader (`quant_tools/gguf_file.py`: one bounds-checked pass over the
+header, one error line naming the file for anything malformed); `open_gguf` lays zero-copy torch views over its
+memory-mapped bytes and raises the pack's `GGUFFormatError`.
 """
 
 from __future__ import annotations
@@ -11,16 +15,17 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from gguf import GGMLQuantizationType as Q
 from torch import nn
 
 from ..errors import GGUFFormatError, ModelFileError, quote
-from .dequant import block_layout, decodable, dequantize
-from .gguf_file import GGUFFile, open_gguf
+from ..quant_tools.gguf_file import GGUFHeader, TensorEntry
+from .dequant import block_layout, decodable, dequantize, packed_shape
 from .linear import Fp8Linear, QuantLinear
 
 FP8_STORAGE = "F8_E4M3"
@@ -144,6 +149,70 @@ class WeightSource:
             if candidate in self._key_set():
                 return self._dense(candidate, torch.float32, "cpu").reshape(-1)
         return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GGUF files: quant_tools' reader, torch views
+
+# Element types whose GGUF data is plain numbers (viewed typed, not as packed bytes).
+_FLOAT_TORCH_DTYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    """One tensor of a GGUF file.
+
+    `shape` is the logical shape in torch order (a Linear weight is (out_features, in_features)).
+    `raw` is a zero-copy view of the mapped file: a float tensor of that shape for F32/F16/BF16, else a
+    uint8 tensor (*shape[:-1], bytes_per_row) of packed blocks.
+    """
+
+    name: str
+    qtype: Q
+    shape: tuple[int, ...]
+    raw: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return self.raw.numel() * self.raw.element_size()
+
+    @property
+    def is_quantized(self) -> bool:
+        return self.qtype not in _FLOAT_TORCH_DTYPES
+
+
+class GGUFFile:
+    """A validated, memory-mapped GGUF file. Nothing is read into RAM until a tensor is used."""
+
+    def __init__(self, path: str | os.PathLike):
+        # mode "c" (copy-on-write) gives writable numpy views, so torch.from_numpy shares the mapping without
+        # warnings; nothing ever writes, so no page is ever copied.
+        header = GGUFHeader(path, error=GGUFFormatError, mode="c")
+        self.path = header.path
+        self.alignment = header.alignment
+        self.metadata: dict[str, Any] = header.metadata
+        self.tensors: dict[str, GGUFTensor] = {name: _torch_view(t) for name, t in header.tensors.items()}
+
+    def __repr__(self):
+        return f"GGUFFile({self.path!r}, {len(self.tensors)} tensors)"
+
+    def close(self):
+        """Drop the tensor views (views handed out keep the mapping alive until they are freed)."""
+        self.tensors = {}
+
+
+def open_gguf(path: str | os.PathLike) -> GGUFFile:
+    """Open and validate a GGUF file; raises `GGUFFormatError` for anything malformed."""
+    return GGUFFile(path)
+
+
+def _torch_view(t: TensorEntry) -> GGUFTensor:
+    raw = torch.from_numpy(t.data)
+    if t.qtype in _FLOAT_TORCH_DTYPES:
+        raw = raw.view(_FLOAT_TORCH_DTYPES[t.qtype]).reshape(t.shape)
+    elif t.shape:
+        raw = raw.reshape(packed_shape(t.shape, t.qtype))
+    return GGUFTensor(t.name, t.qtype, t.shape, raw)
 
 
 class GGUFSource(WeightSource):

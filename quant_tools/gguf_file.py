@@ -1,33 +1,31 @@
-"""Read a GGUF file, torch-free: a validated walk over the container, then gguf-py's parse (docs/spec.md §G1).
+"""Read a GGUF file, torch-free, in one bounds-checked pass over its header (docs/spec.md §G1).
 
-The one GGUF reading layer of the pack. `GGUFHeader` is the checked metadata and tensor table over a memory map;
-quant_tools' `GGUFFile` (below, for `inspect` and `verify`) keeps only the table and reads tensor bytes by row range,
-and the runtime's `ops/gguf_file.py` lays zero-copy torch views over the mapped bytes.
+The one GGUF reading layer of the pack. `GGUFHeader` is a file's checked metadata and tensor table, each tensor's
+bytes a zero-copy view of one memory map; quant_tools' `GGUFFile` (below, for `inspect` and `verify`) keeps only
+the table and reads tensor bytes by row range, and the runtime (`ops/weights.py`) lays torch views over the bytes.
 
-gguf-py's `GGUFReader` does the parsing. It trusts the counts in the header, though: an array whose count runs past
-the end of the file makes it loop (and grow lists) for as long as the count says, and a bad offset surfaces as an
-obscure numpy error. So a short bounds-checked walk over the same structure runs first (`_walk`); it touches only
-the header bytes, never allocates in proportion to a number read from the file, and turns every problem into one
-error line naming the file. It checks what llama.cpp's own reader checks (ggml `gguf.cpp`,
-`gguf_init_from_file_impl`: UTF-8 keys and names, no duplicates, at most four dimensions, each below 2^63, known
-types, data inside the file) and quotes what the file holds through `quote`, so a message stays one short line
-whatever the file contains. A file that ends before what its header describes is called truncated (the usual
-case: a cut download or copy); anything else is damage.
+The parse trusts nothing the file says: it never reads past the end of the file, never allocates in proportion to
+a number read from it before the bytes are there, and turns every problem into one error line naming the file. It
+checks what llama.cpp's own reader checks (ggml `gguf.cpp`, `gguf_init_from_file_impl`: UTF-8 keys and names, no
+duplicates, at most four dimensions, each below 2^63, known types, data inside the file) and quotes what the file
+holds through `quote`, so a message stays one short line whatever the file contains. A file that ends before what
+its header describes is called truncated (the usual case: a cut download or copy); anything else is damage.
 
+Metadata values are what gguf-py's `GGUFReader` hands out for the same bytes (`ReaderField.contents()`: Python
+ints, floats, bools, strings and lists of them; tests/ops/test_gguf_reader.py compares the two on every value
+type), with None where a string is not valid UTF-8; the loaders check the type and range of every value they read.
 Errors are raised as the `error` class the caller passes: QuantToolError here, the pack's GGUFFormatError from
-`ops`. Metadata values are handed out as gguf-py parses them (any type a key may hold; None where gguf-py cannot
-decode one); the loaders check the type and range of every value they read.
+`ops`. gguf-py supplies the type tables (`GGMLQuantizationType`, `GGML_QUANT_SIZES`, `GGUFValueType`).
 """
 
 import math
-import mmap
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from .errors import QuantToolError, quote
 from .layout import BRANCH_PREFIXES
@@ -39,20 +37,21 @@ MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NAME_BYTES = 1 << 16
 MAX_DIM = (1 << 63) - 1  # ggml dimensions are int64_t, and so are file offsets: no file holds more bytes
 
-_SCALAR_SIZES = {
-    GGUFValueType.UINT8: 1, GGUFValueType.INT8: 1, GGUFValueType.BOOL: 1,
-    GGUFValueType.UINT16: 2, GGUFValueType.INT16: 2,
-    GGUFValueType.UINT32: 4, GGUFValueType.INT32: 4, GGUFValueType.FLOAT32: 4,
-    GGUFValueType.UINT64: 8, GGUFValueType.INT64: 8, GGUFValueType.FLOAT64: 8,
+# Metadata value types read as numbers (little-endian), as numpy reads them: gguf-py's `gguf_scalar_to_np`.
+_SCALARS = {
+    GGUFValueType.UINT8: np.dtype("u1"), GGUFValueType.INT8: np.dtype("i1"), GGUFValueType.BOOL: np.dtype("?"),
+    GGUFValueType.UINT16: np.dtype("<u2"), GGUFValueType.INT16: np.dtype("<i2"),
+    GGUFValueType.UINT32: np.dtype("<u4"), GGUFValueType.INT32: np.dtype("<i4"), GGUFValueType.FLOAT32: np.dtype("<f4"),
+    GGUFValueType.UINT64: np.dtype("<u8"), GGUFValueType.INT64: np.dtype("<i8"), GGUFValueType.FLOAT64: np.dtype("<f8"),
 }
-# Element types whose data is plain numbers (aligned to their element size, handed out typed).
+# Element types whose data is plain numbers (aligned to their element size, viewed typed by the runtime).
 FLOAT_TYPES = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16)
 
 
 @dataclass(frozen=True)
 class TensorEntry:
     """One tensor of the table. `shape` is the logical shape in torch order (a Linear weight is (out, in));
-    `data` is gguf-py's zero-copy numpy view of the mapped bytes (elements for F32/F16, else uint8 rows)."""
+    `data` is its bytes: a zero-copy uint8 view of the memory map."""
 
     name: str
     qtype: GGMLQuantizationType
@@ -63,86 +62,37 @@ class TensorEntry:
 
 
 class GGUFHeader:
-    """A validated GGUF file's metadata and tensor table, parsed by gguf-py over a memory map.
+    """A validated GGUF file's metadata and tensor table over a memory map of the file.
 
     mode: "r" (read-only views) or "c" (copy-on-write: writable views that share the mapping; nothing writes, so
-    no page is ever copied). The mapping lives as long as this object or any `data` view."""
+    no page is ever copied). The mapping lives as long as any `data` view."""
 
     def __init__(self, path, *, error=QuantToolError, mode="r"):
         self.path = os.fspath(path)
-        self.size = check_layout(self.path, error)
+        if not os.path.exists(self.path):
+            raise error(f"{self.path}: file not found.")
+        if os.path.isdir(self.path):
+            raise error(f"{self.path}: is a folder, expected a .gguf file.")
         try:
-            reader = _Reader(self.path, mode=mode)
-            tensors = {t.name: _entry(t) for t in reader.tensors}
-        except Exception as exc:  # the layout check passed, so this is a format detail gguf-py rejects
-            raise error(_damaged(self.path, f"gguf-py cannot parse it ({quote(str(exc), 200)})")) from exc
-        self.reader = reader
-        self.alignment = int(reader.alignment)
-        self.metadata = {name: _field_value(f) for name, f in reader.fields.items() if not name.startswith("GGUF.")}
-        self.tensors = tensors
-
-
-def _entry(t) -> TensorEntry:
-    return TensorEntry(t.name, GGMLQuantizationType(int(t.tensor_type)), tuple(int(d) for d in reversed(t.shape.tolist())),
-                       int(t.data_offset), int(t.n_bytes), t.data)
-
-
-def _field_value(f):
-    try:
-        return f.contents()
-    except (UnicodeDecodeError, ValueError, IndexError):
-        return None
-
-
-class _Reader(GGUFReader):
-    """GGUFReader with a fast path for metadata arrays.
-
-    gguf-py parses an array element by element, each through its generic field parser: 7.8 s for the
-    152 k-token vocabulary of a Qwen GGUF (measured here), paid on every text-encoder load. A numeric array
-    becomes one numpy view instead, and a string array one loop of direct length reads. The resulting
-    fields are the same as gguf-py's (tests/ops/test_gguf_file.py compares `contents()` of both).
-    """
-
-    def _get(self, offset, dtype, count=1, override_order=None):
-        # The same views as gguf-py's `_get`, sliced from a plain ndarray view of the mapping: np.memmap's own
-        # __getitem__ / __array_finalize__ cost ~6 us a call, 3/4 of the time to open a 400-tensor file.
-        plain = self.__dict__.get("_plain")
-        if plain is None:
-            plain = self._plain = self.data.view(np.ndarray)
-        count = int(count)
-        itemsize = np.dtype(dtype).itemsize
-        arr = plain[offset:offset + itemsize * count].view(dtype)[:count]
-        return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
-
-    def _get_field_parts(self, orig_offs, raw_type):
-        if raw_type != GGUFValueType.ARRAY:
-            return super()._get_field_parts(orig_offs, raw_type)
-        item_type_raw = self._get(orig_offs, np.uint32)
-        count_raw = self._get(orig_offs + 4, np.uint64)
-        item_type, count = GGUFValueType(int(item_type_raw[0])), int(count_raw[0])
-        offs = orig_offs + 12
-        parts = [item_type_raw, count_raw]
-        if item_type in self.gguf_scalar_to_np:
-            values = self._get(offs, self.gguf_scalar_to_np[item_type], count)
-            parts.append(values)
-            return 12 + values.nbytes, parts, [2] if count else [], [GGUFValueType.ARRAY, item_type]
-        if item_type != GGUFValueType.STRING:
-            return super()._get_field_parts(orig_offs, raw_type)
-        data_idxs = []
-        # slices of a plain ndarray view: np.memmap's own __getitem__ costs ~4 us a call
-        data = self.data.view(np.ndarray)
-        raw = memoryview(data)
-        order = "big" if self.byte_order == "S" else "little"  # "S": the file's order is swapped (big-endian)
-        for _ in range(count):
-            length = int.from_bytes(raw[offs:offs + 8], order)
-            parts += (data[offs:offs + 8], data[offs + 8:offs + 8 + length])
-            data_idxs.append(len(parts) - 1)
-            offs += 8 + length
-        return offs - orig_offs, parts, data_idxs, [GGUFValueType.ARRAY, item_type]
+            if os.path.getsize(self.path) == 0:
+                raise error(f"{self.path}: the file is empty; not a GGUF file.")
+            mapped = np.memmap(self.path, dtype=np.uint8, mode=mode).view(np.ndarray)
+            with memoryview(mapped) as buf:
+                cur = _Cursor(buf, mapped.size)
+                self.metadata, infos = _read_header(cur)
+        except _Bad as bad:
+            raise error((_truncated if bad.truncated else _damaged)(self.path, bad.problem)) from None
+        except OSError as exc:
+            raise error(f"{self.path}: cannot read the file ({exc.strerror or exc}).") from exc
+        self.size = mapped.size
+        self.alignment = cur.alignment
+        # (a plain ndarray over the mapping: np.memmap's own __getitem__ costs microseconds a call)
+        self.tensors = {t.name: TensorEntry(t.name, t.qtype, t.shape, t.offset, t.nbytes,
+                                            mapped[t.offset:t.offset + t.nbytes]) for t in infos}
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The validated walk
+# The validated parse
 
 
 def _truncated(path, problem):
@@ -159,35 +109,20 @@ class _Bad(Exception):
         self.problem, self.truncated = problem, truncated
 
 
-def check_layout(path, error=QuantToolError) -> int:
-    """Walk the whole header of the GGUF at `path` and check every tensor's place; returns the file size. Raises
-    `error` with one line naming the file (truncated or damaged, and where)."""
-    if not os.path.exists(path):
-        raise error(f"{path}: file not found.")
-    if os.path.isdir(path):
-        raise error(f"{path}: is a folder, expected a .gguf file.")
-    try:
-        size = os.path.getsize(path)
-        if size == 0:
-            raise error(f"{path}: the file is empty; not a GGUF file.")
-        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            _walk(_Cursor(buf, size))
-    except _Bad as bad:
-        raise error((_truncated if bad.truncated else _damaged)(path, bad.problem)) from None
-    except OSError as exc:
-        raise error(f"{path}: cannot read the file ({exc.strerror or exc}).") from exc
-    return size
-
-
 class _Cursor:
-    """Bounds-checked little-endian reads over the mapped header."""
+    """Bounds-checked little-endian reads over the mapped file. `what` names the part being read for the error
+    message; a "{}" in it stands for the key or tensor being read (`subject`), quoted only if a message is made."""
 
     def __init__(self, buf, size: int):
         self.buf, self.size, self.pos = buf, size, 0
+        self.subject, self.alignment = "", DEFAULT_ALIGNMENT
+
+    def where(self, what: str) -> str:
+        return what.format(quote(self.subject)) if "{}" in what else what
 
     def need(self, n: int, what: str):
         if n < 0 or self.pos + n > self.size:
-            raise _Bad(f"it ends at byte {self.size}, inside {what} (from byte {self.pos})", truncated=True)
+            raise _Bad(f"it ends at byte {self.size}, inside {self.where(what)} (from byte {self.pos})", truncated=True)
 
     def unpack(self, fmt: str, what: str):
         n = struct.calcsize("<" + fmt)
@@ -199,7 +134,7 @@ class _Cursor:
     def string(self, what: str, limit=None) -> bytes:
         length = self.unpack("Q", what)
         if limit is not None and length > limit:
-            raise _Bad(f"{what} claims {length} bytes")
+            raise _Bad(f"{self.where(what)} claims {length} bytes")
         self.need(length, what)
         value = bytes(self.buf[self.pos:self.pos + length])
         self.pos += length
@@ -214,12 +149,23 @@ class _Cursor:
         except UnicodeDecodeError:
             raise _Bad(f"{what} at byte {start} is not valid UTF-8 ({quote(raw)})") from None
 
-    def skip(self, n: int, what: str):
-        self.need(n, what)
-        self.pos += n
+    def numbers(self, dtype: np.dtype, count: int, what: str) -> list:
+        self.need(count * dtype.itemsize, what)
+        values = np.frombuffer(self.buf, dtype, count, self.pos).tolist()
+        self.pos += count * dtype.itemsize
+        return values
 
 
-def _walk(cur: _Cursor) -> None:
+@dataclass(frozen=True)
+class _TensorInfo:
+    name: str
+    qtype: GGMLQuantizationType
+    shape: tuple  # torch order
+    offset: int  # absolute
+    nbytes: int
+
+
+def _read_header(cur: _Cursor) -> tuple[dict, list[_TensorInfo]]:
     magic = bytes(cur.buf[0:4])
     if magic != GGUF_MAGIC:
         if GGUF_MAGIC.startswith(magic):
@@ -234,59 +180,57 @@ def _walk(cur: _Cursor) -> None:
         raise _Bad(f"it has GGUF version {version}; supported versions are {SUPPORTED_VERSIONS}")
     n_tensors, n_kv = cur.unpack("QQ", "the header")
     # Each KV needs >= 13 bytes and each tensor info >= 24. Counts that need more bytes than any file can have are
-    # damage; smaller ones that this file cannot hold mean it was cut, and the walk below finds where (each key and
+    # damage; smaller ones that this file cannot hold mean it was cut, and the parse below finds where (each key and
     # tensor it reads takes bytes, so it ends with the file whatever the counts say).
     if n_kv * 13 + n_tensors * 24 > MAX_DIM:
         raise _Bad(f"its header claims {n_tensors} tensors and {n_kv} metadata keys, more than any file can hold")
 
-    alignment = DEFAULT_ALIGNMENT
-    keys = set()
+    metadata = {}
     for _ in range(n_kv):
-        key = cur.text("a metadata key")
-        if key in keys:
+        key = cur.subject = cur.text("a metadata key")
+        if key in metadata:
             raise _Bad(f"metadata key {quote(key)} appears twice")
-        keys.add(key)
-        vtype = cur.unpack("I", f"the type of key {quote(key)}")
+        vtype = cur.unpack("I", "the type of key {}")
         if key == "general.alignment":
             if vtype != GGUFValueType.UINT32:
                 raise _Bad(f"general.alignment has value type {vtype}, not uint32 ({GGUFValueType.UINT32.value})")
-            alignment = cur.unpack("I", "general.alignment")
-            if alignment == 0 or alignment & (alignment - 1):
-                raise _Bad(f"general.alignment = {alignment} is not a power of two")
+            cur.alignment = metadata[key] = cur.unpack("I", "general.alignment")
+            if cur.alignment == 0 or cur.alignment & (cur.alignment - 1):
+                raise _Bad(f"general.alignment = {cur.alignment} is not a power of two")
             continue
-        _skip_value(cur, vtype, key)
+        metadata[key] = _read_value(cur, vtype)
 
     infos, names = [], set()
     for _ in range(n_tensors):
-        name = cur.text("a tensor name")
+        name = cur.subject = cur.text("a tensor name")
         if name in names:
             raise _Bad(f"tensor {quote(name)} appears twice")
         names.add(name)
-        n_dims = cur.unpack("I", f"the rank of tensor {quote(name)}")
+        n_dims = cur.unpack("I", "the rank of tensor {}")
         if n_dims > MAX_DIMS:
             raise _Bad(f"tensor {quote(name)} claims {n_dims} dimensions (at most {MAX_DIMS})")
-        dims = [cur.unpack("Q", f"the shape of tensor {quote(name)}") for _ in range(n_dims)]
-        raw_type = cur.unpack("I", f"the type of tensor {quote(name)}")
-        offset = cur.unpack("Q", f"the data offset of tensor {quote(name)}")
+        dims = [cur.unpack("Q", "the shape of tensor {}") for _ in range(n_dims)]
+        raw_type = cur.unpack("I", "the type of tensor {}")
+        offset = cur.unpack("Q", "the data offset of tensor {}")
         infos.append((name, dims, raw_type, offset))
 
-    data_start = -(-cur.pos // alignment) * alignment
-    for name, dims, raw_type, offset in infos:
-        _check_tensor(cur, quote(name), dims, raw_type, data_start + offset)
+    data_start = -(-cur.pos // cur.alignment) * cur.alignment
+    return metadata, [_checked_tensor(cur, name, dims, raw_type, data_start + offset)
+                      for name, dims, raw_type, offset in infos]
 
 
-def _check_tensor(cur: _Cursor, name: str, dims: list, raw_type: int, start: int) -> None:
+def _checked_tensor(cur: _Cursor, name: str, dims: list, raw_type: int, start: int) -> _TensorInfo:
     try:
         qtype = GGMLQuantizationType(raw_type)
         block_size, type_size = GGML_QUANT_SIZES[qtype]
     except (ValueError, KeyError):
-        raise _Bad(f"tensor {name} has unknown ggml type id {raw_type}") from None
+        raise _Bad(f"tensor {quote(name)} has unknown ggml type id {raw_type}") from None
     if any(d > MAX_DIM for d in dims):
-        raise _Bad(f"tensor {name} has a dimension of {max(dims)}, beyond the int64 range of ggml (shape {dims})")
+        raise _Bad(f"tensor {quote(name)} has a dimension of {max(dims)}, beyond the int64 range of ggml (shape {dims})")
     if not dims and block_size > 1:
-        raise _Bad(f"tensor {name} ({qtype.name}) has no dimensions; a quantized tensor needs rows of whole blocks")
+        raise _Bad(f"tensor {quote(name)} ({qtype.name}) has no dimensions; a quantized tensor needs rows of whole blocks")
     if dims and dims[0] % block_size:
-        raise _Bad(f"tensor {name} ({qtype.name}) has rows of {dims[0]} values, not a multiple of its block size "
+        raise _Bad(f"tensor {quote(name)} ({qtype.name}) has rows of {dims[0]} values, not a multiple of its block size "
                    f"{block_size}")
     n_bytes = math.prod(dims) // block_size * type_size
     if 0 in dims:
@@ -294,41 +238,54 @@ def _check_tensor(cur: _Cursor, name: str, dims: list, raw_type: int, start: int
         # and torch reject shapes whose non-zero extent overflows).
         extent = math.prod(d for d in dims if d)
         if extent // block_size * type_size > cur.size:
-            raise _Bad(f"tensor {name} has shape {dims} ({extent} elements of {qtype.name}), more than the whole file "
-                       f"({cur.size} bytes) could hold")
+            raise _Bad(f"tensor {quote(name)} has shape {dims} ({extent} elements of {qtype.name}), more than the whole "
+                       f"file ({cur.size} bytes) could hold")
     elif start + n_bytes > cur.size:
-        where = f"tensor {name} data ({n_bytes} bytes at byte {start}) lies outside the file ({cur.size} bytes)"
+        where = f"tensor {quote(name)} data ({n_bytes} bytes at byte {start}) lies outside the file ({cur.size} bytes)"
         raise _Bad(where + (", and outside any file" if start + n_bytes > MAX_DIM else ""),
                    truncated=start + n_bytes <= MAX_DIM)
     if start % min(type_size, 8) and qtype in FLOAT_TYPES:
-        raise _Bad(f"tensor {name} data at byte {start} is misaligned for {qtype.name}")
+        raise _Bad(f"tensor {quote(name)} data at byte {start} is misaligned for {qtype.name}")
+    return _TensorInfo(name, qtype, tuple(reversed(dims)), start, n_bytes)
 
 
-def _skip_value(cur: _Cursor, vtype: int, key: str) -> None:
-    what = f"the value of key {quote(key)}"
-    if vtype in _SCALAR_SIZES:
-        cur.skip(_SCALAR_SIZES[vtype], what)
-    elif vtype == GGUFValueType.STRING:
-        cur.string(what)
-    elif vtype == GGUFValueType.ARRAY:
-        item_type, count = cur.unpack("IQ", what)
-        if item_type in _SCALAR_SIZES:
-            cur.skip(count * _SCALAR_SIZES[item_type], what)
-        elif item_type == GGUFValueType.STRING:
-            if count * 8 > MAX_DIM:
-                raise _Bad(f"{what} claims {count} strings, more than any file can hold")
-            buf, pos, size = cur.buf, cur.pos, cur.size
-            for _ in range(count):  # a tokenizer vocabulary is ~300 k strings: keep this loop lean
-                if pos + 8 > size:
-                    cur.pos = pos
-                    cur.need(8, what)
-                pos += 8 + int.from_bytes(buf[pos:pos + 8], "little")
+def _read_value(cur: _Cursor, vtype: int):
+    """One metadata value, as gguf-py's `ReaderField.contents()` gives it (None: a string that is not UTF-8)."""
+    what = "the value of key {}"
+    if vtype in _SCALARS:
+        return cur.numbers(_SCALARS[vtype], 1, what)[0]
+    if vtype == GGUFValueType.STRING:
+        return _decoded(cur.string(what))
+    if vtype != GGUFValueType.ARRAY:
+        raise _Bad(f"{cur.where(what)} has unknown value type {vtype}")
+    item_type, count = cur.unpack("IQ", what)
+    if item_type in _SCALARS:
+        return cur.numbers(_SCALARS[item_type], count, what)
+    if item_type != GGUFValueType.STRING:
+        raise _Bad(f"{cur.where(what)} is an array of type {item_type}, which GGUF readers do not support")
+    if count * 8 > MAX_DIM:
+        raise _Bad(f"{cur.where(what)} claims {count} strings, more than any file can hold")
+    buf, pos, size, items = cur.buf, cur.pos, cur.size, []
+    for _ in range(count):  # a tokenizer vocabulary is ~150 k strings: keep this loop lean
+        if pos + 8 > size:
             cur.pos = pos
-            cur.need(0, what)
-        else:
-            raise _Bad(f"{what} is an array of type {item_type}, which GGUF readers do not support")
-    else:
-        raise _Bad(f"{what} has unknown value type {vtype}")
+            cur.need(8, what)
+        end = pos + 8 + int.from_bytes(buf[pos:pos + 8], "little")
+        if end > size:
+            cur.pos = pos + 8
+            cur.need(end - pos - 8, what)
+        items.append(bytes(buf[pos + 8:end]))
+        pos = end
+    cur.pos = pos
+    decoded = [_decoded(item) for item in items]
+    return None if None in decoded else decoded
+
+
+def _decoded(raw: bytes):
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -57,12 +57,20 @@ def test_opens_with_metadata_and_logical_shapes(valid_file):
 
 
 def test_tensors_are_zero_copy_views_of_the_mapping(valid_file):
+    """Every tensor is a view of one memory map of the file, at its offset: no byte was copied."""
+    from ideogram4_gguf.quant_tools.gguf_file import GGUFFile as ToolFile
+
     path, _ = valid_file
     f = open_gguf(path)
-    mapped = f._reader.data
-    lo, hi = mapped.ctypes.data, mapped.ctypes.data + mapped.nbytes
-    for t in f.tensors.values():
-        assert lo <= t.raw.data_ptr() and t.raw.data_ptr() + t.nbytes <= hi, t.name
+    offsets = {t.name: t.offset for t in ToolFile(path).tensors}
+    starts = {t.raw.data_ptr() - offsets[name] for name, t in f.tensors.items()}
+    assert len(starts) == 1  # one mapping, each tensor at its own offset in it
+    (start,) = starts
+    mapped = [line.split() for line in open("/proc/self/maps") if line.rstrip().endswith(str(path))]
+    ranges = [tuple(int(x, 16) for x in fields[0].split("-")) for fields in mapped]
+    for name, t in f.tensors.items():
+        assert any(lo <= t.raw.data_ptr() and t.raw.data_ptr() + t.nbytes <= hi for lo, hi in ranges), name
+    assert any(lo == start for lo, _ in ranges)  # the mapping starts at the file's first byte
 
 
 def _corrupt(path, tmp_path, name, edit):
@@ -74,9 +82,10 @@ def _corrupt(path, tmp_path, name, edit):
 
 
 def _header_end(path):
-    """Byte offset just past the tensor infos (where padding before the data begins)."""
-    f = open_gguf(path)
-    return min(t.raw.data_ptr() for t in f.tensors.values()) - f._reader.data.ctypes.data
+    """Byte offset where the tensor data begins (past the tensor infos and their padding)."""
+    from ideogram4_gguf.quant_tools.gguf_file import GGUFFile as ToolFile
+
+    return min(t.offset for t in ToolFile(path).tensors)
 
 
 MALFORMED = {
