@@ -249,8 +249,7 @@ def _branch_prefixes(source, label: str) -> set[str]:
     """Prefixes p ("" or ending in ".") such that `p + embed_image_indicator.weight` exists; a clear error when
     there is none."""
     keys = list(source.keys())
-    prefixes = {k[: -len(ARCH_TENSOR)] for k in keys if k.endswith(ARCH_TENSOR)}
-    prefixes = {p for p in prefixes if p == "" or p.endswith(".")}
+    prefixes = layout.branch_prefixes(keys)
     if not prefixes:
         raise ModelFileError(
             f"{label} is not an Ideogram 4 DiT: it has no {ARCH_TENSOR} among its {len(keys)} tensors "

@@ -28,7 +28,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from .errors import QuantToolError, quote
-from .layout import BRANCH_PREFIXES
+from .layout import branch_prefixes
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -291,10 +291,6 @@ def _decoded(raw: bytes):
 # ---------------------------------------------------------------------------------------------------------------
 # quant_tools' view: the table, and tensor bytes by row range
 
-# Tensor-name prefixes by branch: ours first, then layouts other tools write (ComfyUI-style, diffusers-style).
-KNOWN_PREFIXES = (*BRANCH_PREFIXES.values(), "model.diffusion_model.", "transformer.")
-
-
 @dataclass(frozen=True)
 class FileTensor:
     name: str
@@ -311,12 +307,6 @@ class FileTensor:
     def rows(self):
         return self.numel // self.shape[-1]
 
-    def split_prefix(self):
-        for prefix in KNOWN_PREFIXES:
-            if self.name.startswith(prefix):
-                return prefix, self.name[len(prefix):]
-        return "", self.name
-
 
 class GGUFFile:
     """The metadata and tensor table of a GGUF for `inspect` and `verify`. The tensor bytes are then read with
@@ -330,6 +320,13 @@ class GGUFFile:
         self.alignment = header.alignment
         self.metadata = header.metadata
         self.tensors = [FileTensor(t.name, t.qtype.name, t.shape, t.offset, t.nbytes) for t in header.tensors.values()]
+        # the branches' name prefixes, longest first (one may contain another: `transformer.` in `x.transformer.`)
+        self.prefixes = sorted(branch_prefixes(header.tensors), key=len, reverse=True)
+
+    def split_prefix(self, name):
+        """(branch prefix, name without it); ("", name) outside every branch."""
+        prefix = next((p for p in self.prefixes if name.startswith(p)), "")
+        return prefix, name[len(prefix):]
 
     def read_rows(self, tensor, row_start, row_stop):
         """uint8 (rows, row_bytes) of rows [row_start, row_stop)."""
@@ -350,5 +347,5 @@ class GGUFFile:
         """prefix -> list of FileTensor, in file order ("" for bare names)."""
         groups = {}
         for t in self.tensors:
-            groups.setdefault(t.split_prefix()[0], []).append(t)
+            groups.setdefault(self.split_prefix(t.name)[0], []).append(t)
         return groups

@@ -77,7 +77,7 @@ def _tensor_table(gf, rec, show_all, out):
     """One line per tensor kind (layer indices collapsed unless show_all) with type and deciding rule."""
     rows = {}
     for t in gf.tensors:
-        prefix, name = t.split_prefix()
+        prefix, name = gf.split_prefix(t.name)
         key = t.name if show_all else prefix + _LAYER_INDEX.sub(r"\1layers.*.", name)
         if rec is not None:
             decision = rec.decide(name, t.shape)

@@ -30,6 +30,14 @@ BRANCH_FOLDERS = {"conditional": "transformer", "unconditional": "unconditional_
 BRANCH_PREFIXES = {"conditional": "conditional_transformer.", "unconditional": "unconditional_transformer."}
 
 
+def branch_prefixes(names) -> set[str]:
+    """The tensor-name prefixes of the DiT branches a file holds: every p ("" or ending in ".") such that p +
+    ARCH_TENSOR is one of `names`. Other tools' files use other prefixes (`transformer.`, `cond.`,
+    `model.diffusion_model.`, none), so the prefixes are found, never listed."""
+    found = {name[: -len(ARCH_TENSOR)] for name in names if name.endswith(ARCH_TENSOR)}
+    return {p for p in found if p == "" or p.endswith(".")}
+
+
 @dataclass(frozen=True)
 class Ideogram4Config:
     """Shape of one branch. The defaults are the published model (docs/spec.md §2.1); tests build tiny ones."""

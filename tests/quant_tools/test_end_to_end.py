@@ -246,6 +246,28 @@ def test_inspect_a_file_written_by_another_tool(capsys, tmp_path, small_models):
     assert code == 2 and "records no recipe" in err
 
 
+@pytest.mark.parametrize("cond, uncond", [("cond.", "uncond."), ("transformer.", "unconditional_transformer."),
+                                          ("a.transformer.", "transformer.")])
+def test_inspect_finds_the_branches_of_any_two_branch_file(capsys, tmp_path, small_models, cond, uncond):
+    # other tools' two-branch files name their branches as they like: the branches are found by their marker
+    # tensor, as the runtime finds them (layout.branch_prefixes), one prefix possibly inside another
+    import torch
+
+    writer = gguf.GGUFWriter(tmp_path / "pair.gguf", "unknown")
+    for prefix, role in ((cond, "cond"), (uncond, "uncond")):
+        for name, value in small_models[role][0].items():
+            writer.add_tensor(prefix + name, value.to(torch.float16).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    code, out, err = _run(capsys, "inspect", tmp_path / "pair.gguf")
+    assert code == 0, err
+    counts = {role: len(small_models[role][0]) for role in ("cond", "uncond")}
+    assert f"branches: {cond} {counts['cond']} tensors, {uncond} {counts['uncond']} tensors" in out
+    assert "(bare names)" not in out
+
+
 @pytest.mark.parametrize("value, message", [(float("nan"), "inf or nan"), (1e6, "beyond the float16 range")])
 def test_values_a_type_cannot_hold_are_refused(capsys, tmp_path, small_models, layouts, value, message):
     from safetensors.torch import save_file
