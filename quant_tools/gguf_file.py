@@ -274,11 +274,14 @@ def _read_value(cur: _Cursor, vtype: int):
         if end > size:
             cur.pos = pos + 8
             cur.need(end - pos - 8, what)
-        items.append(bytes(buf[pos + 8:end]))
+        if items is not None:
+            try:
+                items.append(str(buf[pos + 8:end], "utf-8"))
+            except UnicodeDecodeError:
+                items = None  # the whole value is unreadable, as gguf-py's contents() raises for it; read on
         pos = end
     cur.pos = pos
-    decoded = [_decoded(item) for item in items]
-    return None if None in decoded else decoded
+    return items
 
 
 def _decoded(raw: bytes):
