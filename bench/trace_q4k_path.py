@@ -64,16 +64,14 @@ def _pipeline_load(dit_path):
 
 
 def _comfy_api_or_stand_in():
-    try:
-        import comfy_api.latest  # noqa: F401  (inside ComfyUI)
-    except ImportError:
-        import importlib.util
+    """The tests' stand-in for `comfy_api.latest`, loaded from its file; its `install` leaves a real ComfyUI be."""
+    import importlib.util
 
-        stand_in = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "nodes", "fake_comfy_api.py")
-        spec = importlib.util.spec_from_file_location("fake_comfy_api", stand_in)
-        module = sys.modules["fake_comfy_api"] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        module.install()
+    stand_in = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "nodes", "fake_comfy_api.py")
+    spec = importlib.util.spec_from_file_location("fake_comfy_api", stand_in)
+    module = sys.modules["fake_comfy_api"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.install()
     import ideogram4_gguf.nodes.loader  # noqa: F401  (imported before the trace: import-time lines do not count)
 
 

@@ -12,7 +12,7 @@ holds through `quote`, so a message stays one short line whatever the file conta
 its header describes is called truncated (the usual case: a cut download or copy); anything else is damage.
 
 Metadata values are what gguf-py's `GGUFReader` hands out for the same bytes (`ReaderField.contents()`: Python
-ints, floats, bools, strings and lists of them; tests/ops/test_gguf_reader.py compares the two on every value
+ints, floats, bools, strings and lists of them; tests/ops/test_gguf_pin.py compares the two on every value
 type), with None where a string is not valid UTF-8; the loaders check the type and range of every value they read.
 Errors are raised as the `error` class the caller passes: QuantToolError here, the pack's GGUFFormatError from
 `ops`. gguf-py supplies the type tables (`GGMLQuantizationType`, `GGML_QUANT_SIZES`, `GGUFValueType`).
@@ -76,19 +76,18 @@ class GGUFHeader:
         try:
             if os.path.getsize(self.path) == 0:
                 raise error(f"{self.path}: the file is empty; not a GGUF file.")
+            # (a plain ndarray over the mapping: np.memmap's own __getitem__ costs microseconds a slice)
             mapped = np.memmap(self.path, dtype=np.uint8, mode=mode).view(np.ndarray)
             with memoryview(mapped) as buf:
                 cur = _Cursor(buf, mapped.size)
-                self.metadata, infos = _read_header(cur)
+                self.metadata, tensors = _read_header(cur, mapped)
         except _Bad as bad:
             raise error((_truncated if bad.truncated else _damaged)(self.path, bad.problem)) from None
         except OSError as exc:
             raise error(f"{self.path}: cannot read the file ({exc.strerror or exc}).") from exc
         self.size = mapped.size
         self.alignment = cur.alignment
-        # (a plain ndarray over the mapping: np.memmap's own __getitem__ costs microseconds a call)
-        self.tensors = {t.name: TensorEntry(t.name, t.qtype, t.shape, t.offset, t.nbytes,
-                                            mapped[t.offset:t.offset + t.nbytes]) for t in infos}
+        self.tensors = {t.name: t for t in tensors}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -156,16 +155,8 @@ class _Cursor:
         return values
 
 
-@dataclass(frozen=True)
-class _TensorInfo:
-    name: str
-    qtype: GGMLQuantizationType
-    shape: tuple  # torch order
-    offset: int  # absolute
-    nbytes: int
-
-
-def _read_header(cur: _Cursor) -> tuple[dict, list[_TensorInfo]]:
+def _read_header(cur: _Cursor, mapped: np.ndarray) -> tuple[dict, list[TensorEntry]]:
+    """(metadata, tensors) of the file `cur` reads; each tensor's `data` is its slice of `mapped`."""
     magic = bytes(cur.buf[0:4])
     if magic != GGUF_MAGIC:
         if GGUF_MAGIC.startswith(magic):
@@ -215,11 +206,11 @@ def _read_header(cur: _Cursor) -> tuple[dict, list[_TensorInfo]]:
         infos.append((name, dims, raw_type, offset))
 
     data_start = -(-cur.pos // cur.alignment) * cur.alignment
-    return metadata, [_checked_tensor(cur, name, dims, raw_type, data_start + offset)
+    return metadata, [_checked_tensor(cur, mapped, name, dims, raw_type, data_start + offset)
                       for name, dims, raw_type, offset in infos]
 
 
-def _checked_tensor(cur: _Cursor, name: str, dims: list, raw_type: int, start: int) -> _TensorInfo:
+def _checked_tensor(cur: _Cursor, mapped: np.ndarray, name: str, dims: list, raw_type: int, start: int) -> TensorEntry:
     try:
         qtype = GGMLQuantizationType(raw_type)
         block_size, type_size = GGML_QUANT_SIZES[qtype]
@@ -246,7 +237,7 @@ def _checked_tensor(cur: _Cursor, name: str, dims: list, raw_type: int, start: i
                    truncated=start + n_bytes <= MAX_DIM)
     if start % min(type_size, 8) and qtype in FLOAT_TYPES:
         raise _Bad(f"tensor {quote(name)} data at byte {start} is misaligned for {qtype.name}")
-    return _TensorInfo(name, qtype, tuple(reversed(dims)), start, n_bytes)
+    return TensorEntry(name, qtype, tuple(reversed(dims)), start, n_bytes, mapped[start:start + n_bytes])
 
 
 def _read_value(cur: _Cursor, vtype: int):
